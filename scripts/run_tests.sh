@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Run the whole test suite; exit non-zero on any failure and also when pytest collected no test.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+.venv/bin/python -m pytest -ra "$@"
+rc=$?
+if [ $rc -eq 5 ]; then
+  echo "run_tests: pytest collected no tests - treating as failure" >&2
+  exit 1
+fi
+exit $rc

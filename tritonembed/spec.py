@@ -1,0 +1,228 @@
+"""The tensor contract and the model spec: the single source of truth.
+
+`tritonembed export` writes a :class:`ModelSpec` as ``tritonembed.json`` next to ``model.onnx``.
+The Triton tokenizer model, the generated ``config.pbtxt`` files, the client and the gateway all
+read it; none of them keeps its own copy of tensor names, dtypes, sizes or templates.
+
+This module imports only the standard library so every layer may use it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tritonembed.errors import SpecError
+
+SPEC_FILENAME = "tritonembed.json"
+SPEC_SCHEMA_VERSION = 1
+
+# Triton datatype name -> numpy dtype name. BYTES is numpy object (bytes).
+TRITON_TO_NUMPY = {
+    "BOOL": "bool",
+    "INT32": "int32",
+    "INT64": "int64",
+    "FP16": "float16",
+    "FP32": "float32",
+    "BYTES": "object",
+}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One named tensor. ``dims`` excludes the batch dimension; -1 marks a dynamic axis."""
+
+    name: str
+    dtype: str
+    dims: tuple[int, ...]
+    optional: bool = False
+
+    def __post_init__(self) -> None:
+        if self.dtype not in TRITON_TO_NUMPY:
+            raise SpecError(f"tensor {self.name!r}: unknown dtype {self.dtype!r}")
+
+    @property
+    def config_dtype(self) -> str:
+        """The ``data_type`` spelling of ``config.pbtxt`` (``TYPE_INT64``, ``TYPE_STRING`` for BYTES)."""
+        return "TYPE_STRING" if self.dtype == "BYTES" else f"TYPE_{self.dtype}"
+
+    @property
+    def numpy_dtype(self) -> str:
+        return TRITON_TO_NUMPY[self.dtype]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "dims": list(self.dims), "optional": self.optional}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TensorSpec:
+        return cls(data["name"], data["dtype"], tuple(int(d) for d in data["dims"]), bool(data.get("optional", False)))
+
+
+# --- The served interface (ensemble), identical for every model -------------------------------
+# One request carries a batch of texts: TEXT has shape [n, 1]. INSTRUCTION (optional, [n, 1]) turns a
+# row into a query formatted with the model's query template; TRUNCATE (optional, [n, 1]) set to False
+# makes an over-long row fail its request instead of being cut.
+TEXT = TensorSpec("TEXT", "BYTES", (1,))
+INSTRUCTION = TensorSpec("INSTRUCTION", "BYTES", (1,), optional=True)
+TRUNCATE = TensorSpec("TRUNCATE", "BOOL", (1,), optional=True)
+TOKEN_COUNT = TensorSpec("TOKEN_COUNT", "INT32", (1,))
+EMBEDDING_OUTPUT_NAME = "EMBEDDING"
+
+# --- The encoder (ONNX graph) interface --------------------------------------------------------
+INPUT_IDS = TensorSpec("input_ids", "INT64", (-1,))
+ATTENTION_MASK = TensorSpec("attention_mask", "INT64", (-1,))
+ENCODER_EMBEDDING_NAME = "embedding"
+
+# Names of the three models that serve one embedding model NAME.
+TOKENIZER_SUFFIX = "_tokenizer"
+ENCODER_SUFFIX = "_encoder"
+
+# Key under which the ensemble's config.pbtxt publishes the spec (as JSON) in its `parameters`.
+SPEC_PARAMETER_KEY = "tritonembed_spec"
+
+PRECISIONS = ("fp32", "fp16", "int8", "int4")
+POOLINGS = ("last_token", "mean", "cls")
+
+
+def ensemble_inputs() -> tuple[TensorSpec, ...]:
+    return (TEXT, INSTRUCTION, TRUNCATE)
+
+
+def encoder_inputs() -> tuple[TensorSpec, ...]:
+    return (INPUT_IDS, ATTENTION_MASK)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything the serving stack must know about one exported model.
+
+    ``min_dimensions``..``hidden_size`` is the Matryoshka range a client may slice to; for a model
+    without Matryoshka training ``matryoshka`` is False and only ``hidden_size`` is allowed unless the
+    user forces slicing.
+    """
+
+    name: str
+    model_id: str
+    family: str
+    pooling: str
+    normalize: bool
+    hidden_size: int
+    max_length: int
+    padding_side: str
+    pad_token_id: int
+    precision: str
+    matryoshka: bool = False
+    min_dimensions: int | None = None
+    query_template: str = "{text}"
+    document_template: str = "{text}"
+    default_query_instruction: str = ""
+    append_eos: bool = False
+    onnx_file: str = "model.onnx"
+    tokenizer_file: str = "tokenizer.json"
+    schema_version: int = SPEC_SCHEMA_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.pooling not in POOLINGS:
+            raise SpecError(f"pooling {self.pooling!r} is not one of {POOLINGS}")
+        if self.precision not in PRECISIONS:
+            raise SpecError(f"precision {self.precision!r} is not one of {PRECISIONS}")
+        if self.padding_side not in ("left", "right"):
+            raise SpecError(f"padding_side must be 'left' or 'right', got {self.padding_side!r}")
+        if self.hidden_size <= 0 or self.max_length <= 0:
+            raise SpecError("hidden_size and max_length must be positive")
+        if self.min_dimensions is not None and not 1 <= self.min_dimensions <= self.hidden_size:
+            raise SpecError(f"min_dimensions {self.min_dimensions} outside 1..{self.hidden_size}")
+        if "{text}" not in self.query_template or "{text}" not in self.document_template:
+            raise SpecError("query_template and document_template must contain '{text}'")
+
+    # --- derived contract -------------------------------------------------------------------
+    @property
+    def encoder_outputs(self) -> tuple[TensorSpec, ...]:
+        return (TensorSpec(ENCODER_EMBEDDING_NAME, "FP32", (self.hidden_size,)),)
+
+    @property
+    def ensemble_outputs(self) -> tuple[TensorSpec, ...]:
+        return (TensorSpec(EMBEDDING_OUTPUT_NAME, "FP32", (self.hidden_size,)), TOKEN_COUNT)
+
+    @property
+    def tokenizer_model_name(self) -> str:
+        return self.name + TOKENIZER_SUFFIX
+
+    @property
+    def encoder_model_name(self) -> str:
+        return self.name + ENCODER_SUFFIX
+
+    @property
+    def dimension_range(self) -> tuple[int, int]:
+        """Smallest and largest output dimension a client may ask for without forcing."""
+        if self.matryoshka and self.min_dimensions is not None:
+            return (self.min_dimensions, self.hidden_size)
+        return (self.hidden_size, self.hidden_size)
+
+    def format_text(self, text: str, instruction: str | None) -> str:
+        """Apply the query template when ``instruction`` is non-empty, else the document template."""
+        if instruction:
+            return self.query_template.replace("{instruction}", instruction).replace("{text}", text)
+        return self.document_template.replace("{text}", text)
+
+    # --- (de)serialization --------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["encoder_inputs"] = [t.to_dict() for t in encoder_inputs()]
+        data["encoder_outputs"] = [t.to_dict() for t in self.encoder_outputs]
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True, ensure_ascii=False)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
+        """Build a spec from its dict form.
+
+        Raises:
+            SpecError: unknown schema version, missing or invalid fields, or tensor names that
+                disagree with this version's contract.
+        """
+        if data.get("schema_version") != SPEC_SCHEMA_VERSION:
+            raise SpecError(f"unsupported spec schema_version {data.get('schema_version')!r}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in data.items() if k in names}
+        try:
+            spec = cls(**kwargs)
+        except TypeError as exc:
+            raise SpecError(f"invalid model spec: {exc}") from exc
+        declared = [TensorSpec.from_dict(t) for t in data.get("encoder_inputs", [])]
+        if declared and tuple(declared) != encoder_inputs():
+            raise SpecError(f"spec declares encoder inputs {declared}, this version serves {encoder_inputs()}")
+        return spec
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelSpec:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise SpecError(f"model spec is not valid JSON: {exc}") from exc
+        return cls.from_dict(data)
+
+    def save(self, directory: Path) -> Path:
+        path = Path(directory) / SPEC_FILENAME
+        path.write_text(self.to_json() + "\n", encoding="utf-8")
+        return path
+
+    @classmethod
+    def load(cls, directory: Path) -> ModelSpec:
+        """Read ``tritonembed.json`` from an exported model directory.
+
+        Raises:
+            SpecError: the file is missing or invalid.
+        """
+        path = Path(directory) / SPEC_FILENAME
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise SpecError(f"no model spec at {path}: {exc.strerror}") from exc
+        return cls.from_json(text)
