@@ -1,0 +1,255 @@
+"""Model families as declarations.
+
+Each family says which checkpoints it handles, how it pools, what it defaults to, the tolerance its
+export is validated with, and how its *reference* embeddings are computed (the upstream usage code,
+independent of our ONNX wrapper). Adding a family = one class here + one test.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from tritonembed.errors import ExportError, UnsupportedModelError
+from tritonembed.spec import ModelSpec
+
+log = logging.getLogger(__name__)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """Raises: ExportError for a missing or corrupt JSON file."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ExportError(f"missing file {path}") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ExportError(f"corrupt JSON in {path}: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """What the user asked for; ``None`` means the family's default."""
+
+    precision: str = "fp32"
+    max_length: int | None = None
+    name: str | None = None
+
+
+class ModelFamily(ABC):
+    """Declaration of one model family."""
+
+    name: ClassVar[str]
+    model_types: ClassVar[tuple[str, ...]]
+    pooling: ClassVar[str]
+    padding_side: ClassVar[str]
+    # FP32 export tolerance against the PyTorch reference.
+    fp32_atol: ClassVar[float] = 1e-4
+    fp32_min_cosine: ClassVar[float] = 0.99999
+    # Padding layouts under which the graph must give the reference answer. Absolute position
+    # embeddings (BERT) make left padding wrong; rotary ones (Qwen3) are shift-invariant.
+    padding_layouts: ClassVar[tuple[str, ...]] = ("right",)
+
+    @classmethod
+    def matches(cls, config: dict[str, Any]) -> bool:
+        return config.get("model_type") in cls.model_types
+
+    @abstractmethod
+    def make_spec(self, path: Path, model_id: str, config: dict[str, Any], options: ExportOptions) -> ModelSpec:
+        """The served spec of this checkpoint."""
+
+    @abstractmethod
+    def reference_embed(self, path: Path, texts: Sequence[str], spec: ModelSpec) -> np.ndarray:
+        """Embeddings from the upstream usage code (normalized), for validation."""
+
+    def load_backbone(self, path: Path):
+        import torch
+        from transformers import AutoModel
+
+        try:
+            model = AutoModel.from_pretrained(str(path), attn_implementation="eager", dtype=torch.float32)
+        except (OSError, ValueError) as exc:
+            raise ExportError(f"cannot load weights from {path}: {exc}") from exc
+        return model.eval()
+
+    def tokenizer_json(self, path: Path) -> Path:
+        """Raises: ExportError when the checkpoint has no fast-tokenizer file."""
+        candidate = Path(path) / "tokenizer.json"
+        if not candidate.is_file():
+            raise ExportError(f"{path} has no tokenizer.json (a fast tokenizer is required)")
+        return candidate
+
+    def is_random_weights(self, config: dict[str, Any]) -> bool:
+        return bool(config.get("tritonembed_random_weights", False))
+
+
+class Qwen3Family(ModelFamily):
+    """Qwen3-Embedding: last-token pooling, left padding, EOS appended, instruction template, MRL."""
+
+    name = "qwen3"
+    model_types = ("qwen3",)
+    pooling = "last_token"
+    padding_side = "left"
+    padding_layouts = ("left", "right", "mixed")
+    fp32_atol = 1e-4
+    EOS_ID = 151643
+    DEFAULT_MAX_LENGTH = 8192
+    MAX_SUPPORTED_LENGTH = 32768
+    MIN_DIMENSIONS = 32
+    QUERY_TEMPLATE = "Instruct: {instruction}\nQuery:{text}"
+    DEFAULT_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
+
+    def make_spec(self, path: Path, model_id: str, config: dict[str, Any], options: ExportOptions) -> ModelSpec:
+        max_length = options.max_length or self.DEFAULT_MAX_LENGTH
+        limit = min(self.MAX_SUPPORTED_LENGTH, int(config.get("max_position_embeddings", self.MAX_SUPPORTED_LENGTH)))
+        if max_length > limit:
+            raise ExportError(f"--max-length {max_length} exceeds this model's limit of {limit}")
+        return ModelSpec(
+            name=options.name or model_id.rstrip("/").split("/")[-1],
+            model_id=model_id,
+            family=self.name,
+            pooling=self.pooling,
+            normalize=True,
+            hidden_size=int(config["hidden_size"]),
+            max_length=max_length,
+            padding_side=self.padding_side,
+            pad_token_id=self.EOS_ID,
+            precision=options.precision,
+            matryoshka=True,
+            min_dimensions=min(self.MIN_DIMENSIONS, int(config["hidden_size"])),
+            query_template=self.QUERY_TEMPLATE,
+            document_template="{text}",
+            default_query_instruction=self.DEFAULT_INSTRUCTION,
+            append_eos=True,
+            extra={"random_weights": self.is_random_weights(config)},
+        )
+
+    def reference_embed(self, path: Path, texts: Sequence[str], spec: ModelSpec) -> np.ndarray:
+        """The usage code from the Qwen3-Embedding model card (transformers), verbatim in spirit."""
+        import torch
+        import torch.nn.functional as F
+        from transformers import AutoTokenizer
+
+        def last_token_pool(last_hidden_states, attention_mask):
+            left_padding = attention_mask[:, -1].sum() == attention_mask.shape[0]
+            if left_padding:
+                return last_hidden_states[:, -1]
+            sequence_lengths = attention_mask.sum(dim=1) - 1
+            batch_size = last_hidden_states.shape[0]
+            return last_hidden_states[torch.arange(batch_size, device=last_hidden_states.device), sequence_lengths]
+
+        tokenizer = AutoTokenizer.from_pretrained(str(path), padding_side="left")
+        model = self.load_backbone(path)
+        batch = tokenizer(list(texts), padding=True, truncation=True, max_length=spec.max_length, return_tensors="pt")
+        with torch.no_grad():
+            outputs = model(**batch)
+        emb = last_token_pool(outputs.last_hidden_state, batch["attention_mask"])
+        return F.normalize(emb, p=2, dim=1).numpy()
+
+
+class BertLikeFamily(ModelFamily):
+    """sentence-transformers models on BERT-like encoders (MiniLM, BGE, E5): mean or CLS pooling."""
+
+    name = "bert"
+    model_types = ("bert", "roberta", "xlm-roberta", "mpnet", "distilbert", "electra")
+    pooling = "mean"
+    padding_side = "right"
+    fp32_atol = 1e-5
+
+    @staticmethod
+    def read_pooling(path: Path) -> str:
+        """Pooling mode from ``modules.json`` / ``1_Pooling/config.json`` (mean when absent).
+
+        Raises:
+            ExportError: an unsupported pooling mode (max, weighted, ...).
+        """
+        modules_file = Path(path) / "modules.json"
+        pooling_dir = "1_Pooling"
+        if modules_file.is_file():
+            for module in read_json(modules_file):
+                if module.get("type", "").endswith("Pooling"):
+                    pooling_dir = module.get("path", pooling_dir)
+        cfg_file = Path(path) / pooling_dir / "config.json"
+        if not cfg_file.is_file():
+            log.warning("%s has no pooling config; assuming mean pooling", path)
+            return "mean"
+        cfg = read_json(cfg_file)
+        modes = [k for k, v in cfg.items() if k.startswith("pooling_mode_") and v is True]
+        mapping = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls"}
+        if len(modes) != 1 or modes[0] not in mapping:
+            raise ExportError(f"unsupported pooling {modes} in {cfg_file}; supported: mean, cls")
+        return mapping[modes[0]]
+
+    def make_spec(self, path: Path, model_id: str, config: dict[str, Any], options: ExportOptions) -> ModelSpec:
+        limit = int(config.get("max_position_embeddings", 512))
+        if config.get("model_type") in ("roberta", "xlm-roberta"):
+            limit -= 2  # position ids start after the padding index
+        st_cfg_file = Path(path) / "sentence_bert_config.json"
+        default = int(read_json(st_cfg_file).get("max_seq_length", limit)) if st_cfg_file.is_file() else limit
+        max_length = options.max_length or min(default, limit)
+        if max_length > limit:
+            raise ExportError(f"--max-length {max_length} exceeds this model's limit of {limit}")
+        prompts: dict[str, str] = {}
+        st_prompts = Path(path) / "config_sentence_transformers.json"
+        if st_prompts.is_file():
+            prompts = read_json(st_prompts).get("prompts") or {}
+        query_prefix = prompts.get("query", "")
+        return ModelSpec(
+            name=options.name or model_id.rstrip("/").split("/")[-1],
+            model_id=model_id,
+            family=self.name,
+            pooling=self.read_pooling(path),
+            normalize=True,
+            hidden_size=int(config["hidden_size"]),
+            max_length=max_length,
+            padding_side=self.padding_side,
+            pad_token_id=int(config.get("pad_token_id") or 0),
+            precision=options.precision,
+            matryoshka=False,
+            min_dimensions=None,
+            # sentence-transformers prompts are plain prefixes; {instruction} is not used by them.
+            query_template=(query_prefix + "{text}") if query_prefix else "{text}",
+            document_template=prompts.get("document", prompts.get("passage", "")) + "{text}",
+            default_query_instruction="query" if query_prefix else "",
+            append_eos=False,
+            extra={"random_weights": self.is_random_weights(config)},
+        )
+
+    def reference_embed(self, path: Path, texts: Sequence[str], spec: ModelSpec) -> np.ndarray:
+        from sentence_transformers import SentenceTransformer
+
+        model = SentenceTransformer(str(path), device="cpu")
+        model.max_seq_length = spec.max_length
+        return np.asarray(model.encode(list(texts), batch_size=32, normalize_embeddings=True, convert_to_numpy=True))
+
+
+FAMILIES: tuple[ModelFamily, ...] = (Qwen3Family(), BertLikeFamily())
+
+
+def family_for(config: dict[str, Any]) -> ModelFamily:
+    """The declared family handling this ``config.json``.
+
+    Raises:
+        UnsupportedModelError: no family matches; the message lists the supported ones.
+    """
+    for family in FAMILIES:
+        if family.matches(config):
+            return family
+    supported = "; ".join(f"{f.name} (model_type in {', '.join(f.model_types)})" for f in FAMILIES)
+    raise UnsupportedModelError(
+        f"unsupported architecture {config.get('architectures')} (model_type {config.get('model_type')!r}); "
+        f"supported families: {supported}"
+    )
+
+
+def family_by_name(name: str) -> ModelFamily:
+    for family in FAMILIES:
+        if family.name == name:
+            return family
+    raise UnsupportedModelError(f"unknown family {name!r}; known: {', '.join(f.name for f in FAMILIES)}")

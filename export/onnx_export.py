@@ -1,0 +1,126 @@
+"""PyTorch backbone + pooling + normalization -> one ONNX graph with the spec's tensor names."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+from tritonembed.errors import ExportError
+from tritonembed.spec import ATTENTION_MASK, ENCODER_EMBEDDING_NAME, INPUT_IDS, ModelSpec
+
+log = logging.getLogger(__name__)
+
+ONNX_OPSET = 17
+EXTERNAL_DATA_SUFFIX = "_data"  # model.onnx -> model.onnx_data
+PROTOBUF_LIMIT = 2 * 1024**3
+
+
+def build_pooled_encoder(backbone, spec: ModelSpec):
+    """Wrap a transformers backbone so that ``forward(input_ids, attention_mask) -> embedding``.
+
+    Last-token pooling takes, per row, the last position whose mask is 1: correct for left, right
+    and mixed padding alike.
+    """
+    import torch
+
+    needs_token_types = "token_type_ids" in backbone.forward.__code__.co_varnames
+    is_decoder = spec.pooling == "last_token"
+
+    class PooledEncoder(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.backbone = backbone
+
+        def forward(self, input_ids, attention_mask):
+            kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+            if needs_token_types:
+                kwargs["token_type_ids"] = torch.zeros_like(input_ids)
+            if is_decoder:
+                kwargs["use_cache"] = False
+            hidden = self.backbone(**kwargs).last_hidden_state
+            if spec.pooling == "last_token":
+                positions = torch.arange(attention_mask.shape[1], device=hidden.device).unsqueeze(0) * attention_mask
+                last = positions.argmax(dim=1)
+                pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+            elif spec.pooling == "cls":
+                pooled = hidden[:, 0]
+            else:
+                mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+                pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+            if spec.normalize:
+                pooled = torch.nn.functional.normalize(pooled, p=2.0, dim=1)
+            return pooled
+
+    return PooledEncoder().eval()
+
+
+def export_onnx(encoder, output: Path, *, example_length: int = 16) -> Path:
+    """Trace ``encoder`` to ``output`` (dynamic batch and sequence axes), one external-data file if > 2 GB.
+
+    Raises:
+        ExportError: tracing or saving failed.
+    """
+    import onnx
+    import torch
+
+    output = Path(output)
+    staging = output.parent / "_onnx_staging"
+    staging.mkdir(parents=True, exist_ok=True)
+    staged = staging / output.name
+    ids = torch.full((2, example_length), 100, dtype=torch.long)
+    mask = torch.ones_like(ids)
+    mask[0, : example_length // 2] = 0  # a padded row so no shape-specializing shortcut is traced
+    dynamic = {"batch": 0, "sequence": 1}
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                encoder,
+                (ids, mask),
+                str(staged),
+                input_names=[INPUT_IDS.name, ATTENTION_MASK.name],
+                output_names=[ENCODER_EMBEDDING_NAME],
+                dynamic_axes={
+                    INPUT_IDS.name: {0: "batch", 1: "sequence"},
+                    ATTENTION_MASK.name: {0: "batch", 1: "sequence"},
+                    ENCODER_EMBEDDING_NAME: {0: "batch"},
+                },
+                opset_version=ONNX_OPSET,
+                do_constant_folding=True,
+                dynamo=False,
+            )
+    except Exception as exc:  # torch raises a zoo of tracer/exporter exceptions
+        raise ExportError(f"torch.onnx.export failed: {type(exc).__name__}: {exc}") from exc
+    save_onnx(onnx.load(str(staged), load_external_data=True), output)
+    for leftover in staging.iterdir():
+        leftover.unlink()
+    staging.rmdir()
+    return output
+
+
+def save_onnx(model, output: Path) -> list[Path]:
+    """Save an ONNX ModelProto; weights go to ``<name>_data`` in one file when the model exceeds 2 GB.
+
+    Returns the files written.
+    """
+    import onnx
+
+    output = Path(output)
+    data_file = output.with_name(output.name + EXTERNAL_DATA_SUFFIX)
+    if data_file.exists():
+        data_file.unlink()
+    weights = sum(t.ByteSize() for t in model.graph.initializer)
+    if weights < PROTOBUF_LIMIT - 64 * 1024**2:
+        onnx.save(model, str(output))
+        return [output]
+    onnx.save(model, str(output), save_as_external_data=True, all_tensors_to_one_file=True,
+              location=data_file.name, size_threshold=1024)
+    return [output, data_file]
+
+
+def onnx_files(model_path: Path) -> list[Path]:
+    """``model.onnx`` plus its external-data file when there is one."""
+    model_path = Path(model_path)
+    data = model_path.with_name(model_path.name + EXTERNAL_DATA_SUFFIX)
+    return [model_path] + ([data] if data.exists() else [])

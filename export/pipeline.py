@@ -1,0 +1,236 @@
+"""``tritonembed export``: checkpoint -> validated ONNX artifact directory.
+
+The artifact (one directory) holds ``model.onnx`` (+ ``model.onnx_data`` when > 2 GB), the tokenizer
+files, ``tritonembed.json`` (the spec) and ``report.json``. It is built in a temporary sibling
+directory and renamed into place only after validation passed, so an interrupted or failed export
+leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tritonembed.errors import ExportError, OutputExistsError, ValidationError
+from tritonembed.export.families import ExportOptions, ModelFamily, family_for, read_json
+from tritonembed.export.onnx_export import build_pooled_encoder, export_onnx, onnx_files
+from tritonembed.export.probes import PROBE_TEXTS
+from tritonembed.export.resolve import ResolvedModel, resolve_model
+from tritonembed.export.validate import OnnxEncoder, compare, validate_against_reference
+from tritonembed.model_repository.tokenization import SpecTokenizer
+from tritonembed.spec import PRECISIONS, ModelSpec
+
+log = logging.getLogger(__name__)
+
+REPORT_FILENAME = "report.json"
+# Quality targets on STS-B (Spearman x100 drop versus FP32, real-weight models only).
+STSB_MAX_DROP = {"fp16": 0.1, "int8": 0.5, "int4": 2.0}
+# Floors on the probe set versus the FP32 export: below these a quantized export is broken, not just lossy.
+QUANTIZED_MIN_COSINE = {"fp16": 0.999, "int8": 0.95, "int4": 0.90}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
+                   "merges.txt", "vocab.json", "sentencepiece.bpe.model", "spiece.model")
+
+
+@dataclass
+class ExportReport:
+    """What ``report.json`` says: where things are, how close they are, what passed."""
+
+    model_id: str
+    source: str
+    family: str
+    precision: str
+    output: str
+    random_weights: bool
+    files: dict[str, int] = field(default_factory=dict)
+    export_seconds: float = 0.0
+    validation: dict[str, Any] = field(default_factory=dict)
+    quantization: dict[str, Any] = field(default_factory=dict)
+    stsb: dict[str, Any] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dict(self.__dict__)
+        data["passed"] = self.passed
+        return data
+
+    def save(self, directory: Path) -> Path:
+        path = Path(directory) / REPORT_FILENAME
+        path.write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        return path
+
+
+def prepare_output(output: Path, overwrite: bool) -> Path:
+    """Raises: OutputExistsError when ``output`` exists and ``overwrite`` is False."""
+    output = Path(output).expanduser().resolve()
+    if output.exists() and not overwrite:
+        raise OutputExistsError(f"{output} already exists; pass --overwrite to replace it")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    return output
+
+
+def commit_output(staging: Path, output: Path) -> None:
+    """Move the finished ``staging`` directory to ``output``, replacing an old one atomically enough."""
+    backup = None
+    if output.exists():
+        backup = output.with_name(f".{output.name}.old-{os.getpid()}")
+        output.rename(backup)
+    staging.rename(output)
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)
+
+
+def copy_tokenizer(source: Path, target: Path, family: ModelFamily) -> None:
+    family.tokenizer_json(source)  # raises when there is no fast tokenizer
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copy2(source / name, target / name)
+
+
+def stsb_scores(embed, precision_label: str) -> dict[str, float]:
+    """Spearman x100 on the STS-B dev sets that are present (en, zh)."""
+    from tritonembed.export import stsb
+
+    scores = {}
+    for lang in ("en", "zh"):
+        try:
+            pairs = stsb.load_stsb(lang)
+        except Exception as exc:  # missing data is reported, not fatal
+            log.warning("STS-B %s unavailable: %s", lang, exc)
+            continue
+        scores[lang] = round(float(stsb.spearman_for(embed, pairs)), 3)
+        log.info("STS-B %s Spearman (%s): %.2f", lang, precision_label, scores[lang])
+    return scores
+
+
+def export_model(
+    model: str,
+    output: Path,
+    *,
+    precision: str = "fp32",
+    max_length: int | None = None,
+    name: str | None = None,
+    overwrite: bool = False,
+    run_stsb: bool = True,
+) -> ExportReport:
+    """Export, validate and (optionally) quantize ``model`` into ``output``.
+
+    Raises:
+        ModelResolutionError: the model cannot be found.
+        UnsupportedModelError: its architecture belongs to no declared family.
+        OutputExistsError: ``output`` exists and ``overwrite`` is False.
+        ExportError: a file is missing/corrupt or the export itself failed.
+        ValidationError: the ONNX model does not match the reference; ``output`` is left untouched.
+    """
+    if precision not in PRECISIONS:
+        raise ExportError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    output = prepare_output(output, overwrite)
+    started = time.perf_counter()
+    resolved = resolve_model(model)
+    config = read_json(resolved.path / "config.json")
+    family = family_for(config)
+    spec = family.make_spec(resolved.path, resolved.model_id, config, ExportOptions(precision, max_length, name))
+    staging = output.with_name(f".{output.name}.tmp-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        report = _export_into(staging, resolved, family, spec, run_stsb)
+        report.output = str(output)
+        report.export_seconds = round(time.perf_counter() - started, 2)
+        report.files = {p.name: p.stat().st_size for p in sorted(staging.iterdir()) if p.is_file()}
+        report.save(staging)
+        if not report.passed:
+            raise ValidationError(f"export of {model} ({precision}) failed validation", report.failures)
+        commit_output(staging, output)
+        log.info("exported %s (%s) to %s in %.1fs", model, precision, output, report.export_seconds)
+        return report
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _export_into(staging: Path, resolved: ResolvedModel, family: ModelFamily, spec: ModelSpec, run_stsb: bool) -> ExportReport:
+    report = ExportReport(resolved.model_id, resolved.source, family.name, spec.precision, "",
+                          bool(spec.extra.get("random_weights")))
+    copy_tokenizer(resolved.path, staging, family)
+    spec.save(staging)
+    tokenizer = SpecTokenizer(staging / spec.tokenizer_file, spec)
+
+    fp32_dir = staging / "_fp32"
+    fp32_dir.mkdir()
+    fp32_path = fp32_dir / spec.onnx_file
+    log.info("exporting %s to ONNX (fp32)", resolved.model_id)
+    backbone = family.load_backbone(resolved.path)
+    export_onnx(build_pooled_encoder(backbone, spec), fp32_path)
+    del backbone
+
+    reference = family.reference_embed(resolved.path, PROBE_TEXTS, spec)
+    fp32 = OnnxEncoder(fp32_path, tokenizer)
+    measurements, failures = validate_against_reference(
+        fp32, reference, PROBE_TEXTS, atol=family.fp32_atol, min_cosine=family.fp32_min_cosine,
+        padding_layouts=family.padding_layouts)
+    report.validation = {"fp32_vs_reference": measurements, "probe_texts": len(PROBE_TEXTS),
+                         "atol": family.fp32_atol, "min_cosine": family.fp32_min_cosine,
+                         "padding_layouts": list(family.padding_layouts)}
+    report.failures.extend(f"fp32: {f}" for f in failures)
+    if failures:
+        return report
+
+    real_weights = not report.random_weights
+    fp32_scores = stsb_scores(fp32.embed, "fp32") if (run_stsb and real_weights) else {}
+    final_dir = staging
+    if spec.precision == "fp32":
+        for f in onnx_files(fp32_path):
+            f.rename(final_dir / f.name)
+        if fp32_scores:
+            report.stsb = {lang: {"fp32": s} for lang, s in fp32_scores.items()}
+    else:
+        from tritonembed.export.quantize import quantize_onnx
+
+        result = quantize_onnx(fp32_path, final_dir / spec.onnx_file, spec.precision)
+        report.quantization = {"method": result.method, "settings": result.settings}
+        quantized = OnnxEncoder(final_dir / spec.onnx_file, tokenizer)
+        cmp = compare(quantized.embed(PROBE_TEXTS), fp32.embed(PROBE_TEXTS))
+        floor = QUANTIZED_MIN_COSINE[spec.precision]
+        report.validation[f"{spec.precision}_vs_fp32"] = {**cmp.to_dict(), "min_cosine_floor": floor}
+        if not cmp.finite:
+            report.failures.append(f"{spec.precision}: NaN/Inf on the probe set (overflow)")
+        elif cmp.min_cosine < floor:
+            report.failures.append(f"{spec.precision}: min cosine to fp32 {cmp.min_cosine:.4f} < {floor}")
+        if fp32_scores:
+            scores = stsb_scores(quantized.embed, spec.precision)
+            target = STSB_MAX_DROP[spec.precision]
+            report.stsb = {
+                lang: {"fp32": fp32_scores[lang], spec.precision: scores[lang],
+                       "drop": round(fp32_scores[lang] - scores[lang], 3), "max_drop_target": target,
+                       "target_met": fp32_scores[lang] - scores[lang] <= target}
+                for lang in scores
+            }
+            for lang, row in report.stsb.items():
+                if not row["target_met"]:
+                    log.warning("STS-B %s: %s drops %.2f points (target <= %.1f)", lang, spec.precision, row["drop"], target)
+        elif report.random_weights:
+            report.stsb = {"skipped": "random weights: STS-B measures quality, which random weights do not have"}
+    shutil.rmtree(fp32_dir, ignore_errors=True)
+    _check_outputs_finite(final_dir / spec.onnx_file, tokenizer, report)
+    return report
+
+
+def _check_outputs_finite(model_path: Path, tokenizer: SpecTokenizer, report: ExportReport) -> None:
+    encoder = OnnxEncoder(model_path, tokenizer)
+    out = encoder.embed(PROBE_TEXTS)
+    norms = np.linalg.norm(out, axis=1)
+    if not np.isfinite(out).all():
+        report.failures.append("final model: NaN/Inf on the probe set")
+    elif not np.allclose(norms, 1.0, atol=1e-3):
+        report.failures.append(f"final model: embeddings not unit norm (norms {norms.min():.4f}..{norms.max():.4f})")

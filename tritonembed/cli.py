@@ -1,0 +1,117 @@
+"""The ``tritonembed`` command line. Every flag also reads ``TRITONEMBED_<FLAG>`` from the environment.
+
+Heavy imports (torch, transformers, onnxruntime) happen inside the sub-command that needs them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from tritonembed.errors import TritonEmbedError
+
+log = logging.getLogger("tritonembed")
+
+DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def env_default(flag: str, default=None, cast=str):
+    """Default of ``--flag``: ``TRITONEMBED_FLAG`` when set, else ``default``."""
+    value = os.environ.get("TRITONEMBED_" + flag.upper().replace("-", "_"))
+    if value is None:
+        return default
+    if cast is bool:
+        return value.lower() in ("1", "true", "yes", "on")
+    return cast(value)
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="export a Hugging Face checkpoint to a validated ONNX directory")
+    p.add_argument("model", help="local Hugging Face directory or model id (e.g. sentence-transformers/all-MiniLM-L6-v2, "
+                                 "Qwen/Qwen3-Embedding-4B, random-qwen3:tiny)")
+    p.add_argument("--precision", choices=("fp32", "fp16", "int8", "int4"), default=env_default("precision", "fp32"))
+    p.add_argument("--output", "-o", type=Path, required=env_default("output") is None, default=env_default("output"))
+    p.add_argument("--max-length", type=int, default=env_default("max_length", None, int),
+                   help="maximum tokens per text (default: the family's, e.g. 8192 for Qwen3, 256 for MiniLM)")
+    p.add_argument("--name", default=env_default("name"), help="served model name (default: last part of the id)")
+    p.add_argument("--overwrite", action="store_true", default=env_default("overwrite", False, bool))
+    p.add_argument("--skip-stsb", action="store_true", default=env_default("skip_stsb", False, bool),
+                   help="do not measure STS-B Spearman for quantized real-weight models")
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from tritonembed.export.pipeline import export_model
+
+    report = export_model(args.model, args.output, precision=args.precision, max_length=args.max_length,
+                          name=args.name, overwrite=args.overwrite, run_stsb=not args.skip_stsb)
+    print(json.dumps({"output": report.output, "passed": report.passed, "validation": report.validation,
+                      "stsb": report.stsb}, indent=2))
+    return 0
+
+
+def _add_tools(sub) -> None:
+    p = sub.add_parser("build-qwen-tokenizer", help="build Qwen3-Embedding's tokenizer files offline")
+    p.add_argument("output", type=Path)
+    p.set_defaults(func=cmd_build_qwen_tokenizer)
+    p = sub.add_parser("make-random-qwen3", help="write a random-weight Qwen3-Embedding-shaped checkpoint")
+    p.add_argument("output", type=Path)
+    p.add_argument("--shape", default="tiny", help="tiny, 0.6B, 4B or 8B")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_make_random_qwen3)
+
+
+def cmd_build_qwen_tokenizer(args: argparse.Namespace) -> int:
+    from tritonembed.export.qwen_tokenizer import save_qwen3_tokenizer
+
+    print(save_qwen3_tokenizer(args.output))
+    return 0
+
+
+def cmd_make_random_qwen3(args: argparse.Namespace) -> int:
+    from tritonembed.export.testmodels import create_random_qwen3
+
+    print(create_random_qwen3(args.output, shape=args.shape, seed=args.seed))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tritonembed", description=__doc__.splitlines()[0])
+    parser.add_argument("--log-level", default=env_default("log_level", "INFO"))
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_export(sub)
+    _add_tools(sub)
+    for extra in ("tritonembed.launcher_cli", "tritonembed.benchmarks.cli"):
+        try:
+            module = __import__(extra, fromlist=["register"])
+        except ImportError as exc:
+            if exc.name != extra:
+                raise
+            continue
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    try:
+        return int(args.func(args) or 0)
+    except TritonEmbedError as exc:
+        log.error("%s", exc)
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
