@@ -1,0 +1,201 @@
+"""Generate every ``config.pbtxt`` from the model spec: no hand-kept copy of names, dtypes or sizes.
+
+Three models serve one embedding model NAME:
+
+- ``NAME`` — the ensemble users call (TEXT in, EMBEDDING + TOKEN_COUNT out); it publishes the spec
+  as JSON in its ``parameters`` so clients read dimensions/templates from the server.
+- ``NAME_tokenizer`` — Python backend, dynamic batching, pads each request to a length bucket.
+- ``NAME_encoder`` — the ONNX model: Triton's ``onnxruntime`` backend on GPU, or ONNX Runtime inside a
+  Python-backend model on CPU (the pip-installed tritonserver has no onnxruntime backend).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+from tritonembed.spec import (
+    ATTENTION_MASK,
+    EMBEDDING_OUTPUT_NAME,
+    ENCODER_EMBEDDING_NAME,
+    INPUT_IDS,
+    SPEC_PARAMETER_KEY,
+    TOKEN_COUNT,
+    ModelSpec,
+    TensorSpec,
+    encoder_inputs,
+    ensemble_inputs,
+)
+
+PROFILES = ("cpu", "gpu")
+# Internal tensor names between the ensemble's steps.
+_IDS, _MASK = "_input_ids", "_attention_mask"
+
+
+@dataclass(frozen=True)
+class ServingOptions:
+    """Knobs of the generated repository; the defaults suit a small CPU box or one GPU."""
+
+    profile: str = "cpu"
+    max_texts_per_request: int = 64
+    tokenizer_max_batch: int = 256
+    encoder_max_batch: int = 256
+    queue_delay_us: int = 2000
+    max_queue_size: int = 512
+    encoder_instances: int = 1
+    tokenizer_instances: int = 1
+    intra_op_threads: int = field(default_factory=lambda: os.cpu_count() or 1)
+    # CPU profile: the encoder regroups rows of all queued requests by length and runs micro-batches of
+    # at most this many tokens (padded), which bounds memory for long inputs.
+    max_tokens_per_batch: int = 16384
+    pad_to_buckets: bool = True
+    tensorrt: bool = False
+    gpu_mem_limit_bytes: int | None = None
+    preferred_batch_sizes: tuple[int, ...] = (8, 16, 32, 64)
+
+    def __post_init__(self) -> None:
+        if self.profile not in PROFILES:
+            raise ValueError(f"profile must be one of {PROFILES}, got {self.profile!r}")
+        if not 0 < self.max_texts_per_request <= min(self.tokenizer_max_batch, self.encoder_max_batch):
+            raise ValueError("max_texts_per_request must be > 0 and <= the tokenizer's and encoder's max batch")
+
+
+def pbtxt_string(value: str) -> str:
+    """Quote ``value`` as a protobuf text-format string literal (ASCII only)."""
+    escaped = value.encode("ascii", "backslashreplace").decode("ascii")
+    return '"' + escaped.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+
+def tensor_block(kind: str, tensors: tuple[TensorSpec, ...], *, ragged: bool = False) -> str:
+    entries = []
+    for t in tensors:
+        lines = [f"    name: {pbtxt_string(t.name)}", f"    data_type: {t.config_dtype}",
+                 f"    dims: [ {', '.join(str(d) for d in t.dims)} ]"]
+        if t.optional:
+            lines.append("    optional: true")
+        if ragged and kind == "input":
+            lines.append("    allow_ragged_batch: true")
+        entries.append("  {\n" + "\n".join(lines) + "\n  }")
+    return f"{kind} [\n" + ",\n".join(entries) + "\n]"
+
+
+def parameters_block(params: dict[str, str]) -> str:
+    return "\n".join(
+        f"parameters {{ key: {pbtxt_string(k)} value: {{ string_value: {pbtxt_string(v)} }} }}" for k, v in params.items()
+    )
+
+
+def queue_block(options: ServingOptions, *, preferred: bool) -> str:
+    pref = ""
+    if preferred and options.preferred_batch_sizes:
+        sizes = [s for s in options.preferred_batch_sizes if s <= options.encoder_max_batch]
+        pref = f"  preferred_batch_size: [ {', '.join(map(str, sizes))} ]\n"
+    return (
+        "dynamic_batching {\n" + pref
+        + f"  max_queue_delay_microseconds: {options.queue_delay_us}\n"
+        + "  default_queue_policy {\n"
+        + "    timeout_action: REJECT\n"
+        + f"    max_queue_size: {options.max_queue_size}\n"
+        + "  }\n}"
+    )
+
+
+def tokenizer_outputs() -> tuple[TensorSpec, ...]:
+    return (INPUT_IDS, ATTENTION_MASK, TOKEN_COUNT)
+
+
+def ensemble_config(spec: ModelSpec, options: ServingOptions) -> str:
+    ins = ensemble_inputs()
+    tok_in = "\n".join(f'      input_map {{ key: "{t.name}" value: "{t.name}" }}' for t in ins)
+    return f"""name: {pbtxt_string(spec.name)}
+platform: "ensemble"
+max_batch_size: {options.max_texts_per_request}
+{tensor_block("input", ins)}
+{tensor_block("output", spec.ensemble_outputs)}
+ensemble_scheduling {{
+  step [
+    {{
+      model_name: {pbtxt_string(spec.tokenizer_model_name)}
+      model_version: -1
+{tok_in}
+      output_map {{ key: "{INPUT_IDS.name}" value: "{_IDS}" }}
+      output_map {{ key: "{ATTENTION_MASK.name}" value: "{_MASK}" }}
+      output_map {{ key: "{TOKEN_COUNT.name}" value: "{TOKEN_COUNT.name}" }}
+    }},
+    {{
+      model_name: {pbtxt_string(spec.encoder_model_name)}
+      model_version: -1
+      input_map {{ key: "{INPUT_IDS.name}" value: "{_IDS}" }}
+      input_map {{ key: "{ATTENTION_MASK.name}" value: "{_MASK}" }}
+      output_map {{ key: "{ENCODER_EMBEDDING_NAME}" value: "{EMBEDDING_OUTPUT_NAME}" }}
+    }}
+  ]
+}}
+{parameters_block({SPEC_PARAMETER_KEY: json.dumps(spec.to_dict(), sort_keys=True, ensure_ascii=True)})}
+"""
+
+
+def tokenizer_config(spec: ModelSpec, options: ServingOptions) -> str:
+    return f"""name: {pbtxt_string(spec.tokenizer_model_name)}
+backend: "python"
+max_batch_size: {options.tokenizer_max_batch}
+{tensor_block("input", ensemble_inputs())}
+{tensor_block("output", tokenizer_outputs())}
+{queue_block(options, preferred=False)}
+instance_group [ {{ count: {options.tokenizer_instances} kind: KIND_CPU }} ]
+{parameters_block({"pad_to_buckets": str(options.pad_to_buckets).lower()})}
+"""
+
+
+def encoder_config(spec: ModelSpec, options: ServingOptions) -> str:
+    outputs = tensor_block("output", spec.encoder_outputs)
+    if options.profile == "cpu":
+        # allow_ragged_batch: requests of different padded lengths share one execute(); the model
+        # regroups rows by length itself.
+        return f"""name: {pbtxt_string(spec.encoder_model_name)}
+backend: "python"
+max_batch_size: {options.encoder_max_batch}
+{tensor_block("input", encoder_inputs(), ragged=True)}
+{outputs}
+{queue_block(options, preferred=False)}
+instance_group [ {{ count: {options.encoder_instances} kind: KIND_CPU }} ]
+{parameters_block({"intra_op_threads": str(options.intra_op_threads),
+                   "max_tokens_per_batch": str(options.max_tokens_per_batch)})}
+"""
+    params = {"enable_mem_arena": "1", "memory.enable_memory_arena_shrinkage": "gpu:0",
+              "arena_extend_strategy": "1"}
+    if options.gpu_mem_limit_bytes:
+        params["gpu_mem_limit"] = str(options.gpu_mem_limit_bytes)
+    accel = ""
+    if options.tensorrt:
+        trt_precision = "FP16" if spec.precision in ("fp16", "int4", "int8") else "FP32"
+        accel = f"""optimization {{ execution_accelerators {{
+  gpu_execution_accelerator : [ {{
+    name : "tensorrt"
+    parameters {{ key: "precision_mode" value: "{trt_precision}" }}
+    parameters {{ key: "max_workspace_size_bytes" value: "4294967296" }}
+    parameters {{ key: "trt_engine_cache_enable" value: "1" }}
+    parameters {{ key: "trt_engine_cache_path" value: "/tmp/trt_cache" }}
+  }} ]
+}} }}
+"""
+    warm_len = min(64, spec.max_length)
+    warmup = "\n".join(
+        f"""model_warmup [ {{
+  name: "warmup_{b}x{warm_len}"
+  batch_size: {b}
+  inputs {{ key: "{INPUT_IDS.name}" value: {{ data_type: TYPE_INT64 dims: [ {warm_len} ] zero_data: true }} }}
+  inputs {{ key: "{ATTENTION_MASK.name}" value: {{ data_type: TYPE_INT64 dims: [ {warm_len} ] zero_data: true }} }}
+}} ]""" for b in (1, min(options.encoder_max_batch, 32)))
+    return f"""name: {pbtxt_string(spec.encoder_model_name)}
+backend: "onnxruntime"
+default_model_filename: {pbtxt_string(spec.onnx_file)}
+max_batch_size: {options.encoder_max_batch}
+{tensor_block("input", encoder_inputs())}
+{outputs}
+{queue_block(options, preferred=True)}
+instance_group [ {{ count: {options.encoder_instances} kind: KIND_GPU }} ]
+{accel}{warmup}
+{parameters_block(params)}
+"""

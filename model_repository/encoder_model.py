@@ -1,0 +1,70 @@
+"""Triton Python-backend model (CPU profile): the exported ``model.onnx`` through ONNX Runtime.
+
+The pip-installed tritonserver has no onnxruntime backend, so the CPU profile runs the same ONNX file
+here. Inputs are ragged-batched: requests of any padded length share one execute(); rows are regrouped
+by length into micro-batches of at most ``max_tokens_per_batch`` padded tokens.
+"""
+
+from __future__ import annotations
+
+from tritonembed.model_repository.stages import encode_requests
+from tritonembed.model_repository.triton_adapter import (
+    Counters,
+    error_response,
+    log,
+    model_parameters,
+    pb_utils,
+    version_dir,
+)
+from tritonembed.spec import ATTENTION_MASK, ENCODER_EMBEDDING_NAME, INPUT_IDS, ModelSpec
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        import json
+
+        import onnxruntime as ort
+
+        directory = version_dir(args)
+        self.spec = ModelSpec.load(directory)
+        params = model_parameters(args)
+        self.max_tokens = int(params.get("max_tokens_per_batch", "16384"))
+        self.max_rows = int(json.loads(args["model_config"]).get("max_batch_size", 256))
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = int(params.get("intra_op_threads", "0"))
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(str(directory / self.spec.onnx_file), options,
+                                            providers=["CPUExecutionProvider"])
+        self.counters = Counters(args["model_name"], {
+            "encoder_rows": "Texts encoded",
+            "encoder_real_tokens": "Real tokens encoded",
+            "encoder_padded_tokens": "Tokens run through the encoder, padding included",
+            "encoder_batches": "ONNX Runtime runs (micro-batches)",
+        })
+        log.info("encoder %s ready (%s, %d intra-op threads, %d tokens per micro-batch)", self.spec.name,
+                 self.spec.precision, options.intra_op_num_threads, self.max_tokens)
+
+    def _run(self, input_ids, attention_mask):
+        return self.session.run([ENCODER_EMBEDDING_NAME],
+                                {INPUT_IDS.name: input_ids, ATTENTION_MASK.name: attention_mask})[0]
+
+    def execute(self, requests):
+        batch = [(pb_utils.get_input_tensor_by_name(r, INPUT_IDS.name).as_numpy(),
+                  pb_utils.get_input_tensor_by_name(r, ATTENTION_MASK.name).as_numpy()) for r in requests]
+        try:
+            outputs, stats = encode_requests(self._run, batch, pad_id=self.spec.pad_token_id,
+                                             padding_side=self.spec.padding_side, max_tokens=self.max_tokens,
+                                             max_rows=self.max_rows)
+        except Exception as exc:  # one error per request, never an escaped exception
+            log.exception("encoder failed")
+            return [error_response(f"encoder failed: {exc}", invalid_arg=False) for _ in requests]
+        self.counters.add("encoder_rows", stats.rows)
+        self.counters.add("encoder_real_tokens", stats.real_tokens)
+        self.counters.add("encoder_padded_tokens", stats.padded_tokens)
+        self.counters.add("encoder_batches", stats.batches)
+        return [pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(ENCODER_EMBEDDING_NAME, out)])
+                for out in outputs]
+
+    def finalize(self):
+        self.session = None

@@ -1,0 +1,182 @@
+"""What the tokenizer and encoder models do with one ``execute()`` batch, as plain functions.
+
+The Triton adapters (``tokenizer_model.py``, ``encoder_model.py``) only convert tensors; everything
+that can be wrong is here and unit-tested without a server.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from tritonembed.errors import InputError
+from tritonembed.model_repository.tokenization import SpecTokenizer, bucket_length, decode_text, pad_batch
+
+
+@dataclass
+class TokenizeRequest:
+    """One request's raw rows: BYTES texts, optional BYTES instructions, optional truncate flags."""
+
+    texts: Sequence[object]
+    instructions: Sequence[object] | None = None
+    truncate: Sequence[bool] | None = None
+
+
+@dataclass
+class TokenizedRequest:
+    input_ids: np.ndarray  # int64 [n, padded_length]
+    attention_mask: np.ndarray  # int64 [n, padded_length]
+    token_counts: np.ndarray  # int32 [n, 1]
+
+    @property
+    def real_tokens(self) -> int:
+        return int(self.token_counts.sum())
+
+    @property
+    def padded_tokens(self) -> int:
+        return int(self.input_ids.size)
+
+
+def _decode_instruction(raw: object, index: int) -> str:
+    if raw is None:
+        return ""
+    if isinstance(raw, bytes):
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InputError(f"instruction {index} is not valid UTF-8") from exc
+    return str(raw)
+
+
+def _formatted_texts(tokenizer: SpecTokenizer, request: TokenizeRequest) -> list[str]:
+    """Raises: InputError for an empty text, bad UTF-8 or mismatched row counts."""
+    n = len(request.texts)
+    if n == 0:
+        raise InputError("request has no texts")
+    texts = [decode_text(raw, i) for i, raw in enumerate(request.texts)]
+    if request.instructions is None:
+        return tokenizer.format(texts)
+    if len(request.instructions) != n:
+        raise InputError(f"INSTRUCTION has {len(request.instructions)} rows, TEXT has {n}")
+    instructions = [_decode_instruction(raw, i) for i, raw in enumerate(request.instructions)]
+    return tokenizer.format(texts, instructions)
+
+
+def tokenize_requests(
+    tokenizer: SpecTokenizer, requests: Sequence[TokenizeRequest], *, pad_to_buckets: bool = True
+) -> list[TokenizedRequest | InputError]:
+    """Tokenize every valid request of the batch in one ``encode_batch`` call.
+
+    A request with a bad row yields an :class:`InputError` in its slot; the others are unaffected.
+    """
+    results: list[TokenizedRequest | InputError | None] = [None] * len(requests)
+    spans: list[tuple[int, int, int]] = []  # (request index, start, end) into all_texts
+    all_texts: list[str] = []
+    for r, request in enumerate(requests):
+        try:
+            formatted = _formatted_texts(tokenizer, request)
+            if request.truncate is not None and len(request.truncate) != len(formatted):
+                raise InputError(f"TRUNCATE has {len(request.truncate)} rows, TEXT has {len(formatted)}")
+        except InputError as exc:
+            results[r] = exc
+            continue
+        spans.append((r, len(all_texts), len(all_texts) + len(formatted)))
+        all_texts.extend(formatted)
+    encoded = tokenizer.encode(all_texts) if all_texts else None
+    limit = tokenizer.spec.max_length
+    for r, start, end in spans:
+        ids = encoded.ids[start:end]
+        truncated = encoded.truncated[start:end]
+        flags = requests[r].truncate
+        refused = [i for i, cut in enumerate(truncated) if cut and flags is not None and not bool(flags[i])]
+        if refused:
+            counts = tokenizer.count_untruncated([all_texts[start + i] for i in refused])
+            detail = ", ".join(f"text {i} has {c} tokens" for i, c in zip(refused, counts))
+            results[r] = InputError(f"{detail}; the model's limit is {limit} tokens and truncation is disabled")
+            continue
+        longest = max(len(x) for x in ids)
+        length = bucket_length(longest, limit) if pad_to_buckets else longest
+        input_ids, mask = tokenizer.pad(ids, length)
+        counts = np.array([[len(x)] for x in ids], dtype=np.int32)
+        results[r] = TokenizedRequest(input_ids, mask, counts)
+    return results  # type: ignore[return-value]
+
+
+# --- encoder side (CPU profile) ---------------------------------------------------------------
+
+def plan_microbatches(lengths: Sequence[int], max_tokens: int, max_rows: int) -> list[list[int]]:
+    """Group row indices into micro-batches of similar length.
+
+    Rows are sorted longest first and packed greedily while ``rows * longest <= max_tokens`` (a row
+    longer than ``max_tokens`` runs alone). Every index appears in exactly one micro-batch.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        longest = lengths[current[0]] if current else lengths[i]
+        if current and ((len(current) + 1) * longest > max_tokens or len(current) >= max_rows):
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+@dataclass
+class EncodeStats:
+    """Counters of one encoder execute(): rows, real and padded tokens, micro-batches run."""
+
+    rows: int = 0
+    real_tokens: int = 0
+    padded_tokens: int = 0
+    batches: int = 0
+    batch_rows: list[int] = field(default_factory=list)
+
+
+def unpad_rows(input_ids: np.ndarray, attention_mask: np.ndarray) -> list[np.ndarray]:
+    """The real tokens of each row (padding may be on either side)."""
+    return [row[mask.astype(bool)] for row, mask in zip(input_ids, attention_mask)]
+
+
+def encode_requests(
+    run: Callable[[np.ndarray, np.ndarray], np.ndarray],
+    requests: Sequence[tuple[np.ndarray, np.ndarray]],
+    *,
+    pad_id: int,
+    padding_side: str,
+    max_tokens: int,
+    max_rows: int,
+) -> tuple[list[np.ndarray], EncodeStats]:
+    """Run the encoder over all rows of all requests, regrouped by length; results in request order."""
+    rows: list[np.ndarray] = []
+    owners: list[tuple[int, int]] = []
+    for r, (ids, mask) in enumerate(requests):
+        for i, tokens in enumerate(unpad_rows(ids, mask)):
+            rows.append(tokens)
+            owners.append((r, i))
+    outputs: list[np.ndarray | None] = [None] * len(rows)
+    stats = EncodeStats(rows=len(rows), real_tokens=int(sum(len(t) for t in rows)))
+    for batch in plan_microbatches([len(t) for t in rows], max_tokens, max_rows):
+        input_ids, mask = pad_batch([rows[i] for i in batch], pad_id, padding_side)
+        emb = run(input_ids, mask)
+        stats.padded_tokens += int(input_ids.size)
+        stats.batches += 1
+        stats.batch_rows.append(len(batch))
+        for j, i in enumerate(batch):
+            outputs[i] = emb[j]
+    per_request: list[list[np.ndarray]] = [[] for _ in requests]
+    for (r, _), out in zip(owners, outputs):
+        per_request[r].append(out)
+    hidden = None
+    result = []
+    for r, parts in enumerate(per_request):
+        if parts:
+            hidden = parts[0].shape[-1]
+            result.append(np.stack(parts).astype(np.float32, copy=False))
+        else:
+            result.append(np.zeros((0, hidden or 0), dtype=np.float32))
+    return result, stats

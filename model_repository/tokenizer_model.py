@@ -1,0 +1,67 @@
+"""Triton Python-backend model: texts -> padded token ids (one tokenizer call per execute batch)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tritonembed.errors import InputError
+from tritonembed.model_repository.stages import TokenizeRequest, tokenize_requests
+from tritonembed.model_repository.tokenization import SpecTokenizer
+from tritonembed.model_repository.triton_adapter import (
+    Counters,
+    error_response,
+    log,
+    model_parameters,
+    optional_input,
+    pb_utils,
+    version_dir,
+)
+from tritonembed.spec import ATTENTION_MASK, INPUT_IDS, INSTRUCTION, TEXT, TOKEN_COUNT, TRUNCATE, ModelSpec
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        directory = version_dir(args)
+        self.spec = ModelSpec.load(directory)
+        self.tokenizer = SpecTokenizer(directory / self.spec.tokenizer_file, self.spec)
+        self.pad_to_buckets = model_parameters(args).get("pad_to_buckets", "true") == "true"
+        self.counters = Counters(args["model_name"], {
+            "tokenizer_real_tokens": "Tokens of the texts (specials included) after truncation",
+            "tokenizer_padded_tokens": "Tokens sent to the encoder, padding included",
+            "tokenizer_rejected_requests": "Requests refused for invalid input",
+        })
+        log.info("tokenizer for %s ready (max_length %d)", self.spec.name, self.spec.max_length)
+
+    def execute(self, requests):
+        parsed = []
+        for request in requests:
+            texts = optional_input(request, TEXT.name)
+            instructions = optional_input(request, INSTRUCTION.name)
+            truncate = optional_input(request, TRUNCATE.name)
+            parsed.append(TokenizeRequest(
+                texts=[] if texts is None else texts.reshape(-1).tolist(),
+                instructions=None if instructions is None else instructions.reshape(-1).tolist(),
+                truncate=None if truncate is None else truncate.reshape(-1).astype(bool).tolist(),
+            ))
+        try:
+            results = tokenize_requests(self.tokenizer, parsed, pad_to_buckets=self.pad_to_buckets)
+        except Exception as exc:  # never let an exception escape execute(): one error per request
+            log.exception("tokenizer failed")
+            return [error_response(f"tokenizer failed: {exc}", invalid_arg=False) for _ in requests]
+        responses = []
+        for result in results:
+            if isinstance(result, InputError):
+                self.counters.add("tokenizer_rejected_requests", 1)
+                responses.append(error_response(str(result)))
+                continue
+            self.counters.add("tokenizer_real_tokens", result.real_tokens)
+            self.counters.add("tokenizer_padded_tokens", result.padded_tokens)
+            responses.append(pb_utils.InferenceResponse(output_tensors=[
+                pb_utils.Tensor(INPUT_IDS.name, result.input_ids),
+                pb_utils.Tensor(ATTENTION_MASK.name, result.attention_mask),
+                pb_utils.Tensor(TOKEN_COUNT.name, result.token_counts.astype(np.int32)),
+            ]))
+        return responses
+
+    def finalize(self):
+        log.info("tokenizer for %s unloaded", getattr(self, "spec", None) and self.spec.name)

@@ -1,0 +1,220 @@
+"""Start, watch and stop a real ``tritonserver``.
+
+On this kind of machine the binary comes from the ``nvidia-pytriton`` wheel (tritonserver 2.51 with the
+Python backend); in the NGC container set ``TRITONEMBED_TRITONSERVER=/opt/tritonserver/bin/tritonserver``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from tritonembed.errors import ServerError
+
+log = logging.getLogger(__name__)
+
+
+class PortInUseError(ServerError):
+    """A requested port is already taken."""
+
+
+@dataclass(frozen=True)
+class TritonInstall:
+    binary: Path
+    backend_dir: Path
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ensure_port_free(port: int, what: str) -> None:
+    """Raises: PortInUseError when something listens on ``port``."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("0.0.0.0", port))
+        except OSError as exc:
+            raise PortInUseError(f"{what} port {port} is already in use ({exc.strerror}); pick another with --{what}-port") from exc
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("TRITONEMBED_CACHE", Path.home() / ".cache" / "tritonembed"))
+
+
+def find_triton() -> TritonInstall:
+    """Locate tritonserver and a backend directory whose Python backend has a stub for this Python.
+
+    Raises:
+        ServerError: no tritonserver found (install with ``pip install 'tritonembed[serve]'``).
+    """
+    override = os.environ.get("TRITONEMBED_TRITONSERVER")
+    if override:
+        binary = Path(override)
+        backends = Path(os.environ.get("TRITONEMBED_BACKEND_DIR", binary.parent.parent / "backends"))
+        if not binary.is_file():
+            raise ServerError(f"TRITONEMBED_TRITONSERVER={override} does not exist")
+        return TritonInstall(binary, backends)
+    try:
+        import pytriton  # type: ignore[import-not-found]
+    except ImportError as exc:
+        raise ServerError("no tritonserver: install the serve extra (pip install 'tritonembed[serve]') "
+                          "or set TRITONEMBED_TRITONSERVER") from exc
+    root = Path(pytriton.__file__).parent / "tritonserver"
+    binary = root / "bin" / "tritonserver"
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = root / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not binary.is_file() or not stub.is_file():
+        raise ServerError(f"incomplete tritonserver in {root} (binary or Python {version} stub missing)")
+    # The stub must sit beside libtriton_python.so; build that layout in our cache, not in site-packages.
+    backend_dir = _cache_root() / "triton-backends" / version
+    python_dir = backend_dir / "python"
+    python_dir.mkdir(parents=True, exist_ok=True)
+    for item in (root / "backends" / "python").iterdir():
+        target = python_dir / item.name
+        if item.is_file() and not target.exists():
+            target.symlink_to(item)
+    stub_target = python_dir / stub.name
+    if not stub_target.exists():
+        # A symlink, not a copy: the stub finds its bundled libraries through an $ORIGIN-relative RPATH.
+        stub_target.symlink_to(stub)
+    return TritonInstall(binary, backend_dir)
+
+
+class TritonServer:
+    """A tritonserver process: started on given (or free) ports, ready-checked, stopped cleanly.
+
+    Use as a context manager. ``start()`` raises :class:`ServerError` with the last log lines when the
+    server dies or is not ready before the deadline.
+    """
+
+    def __init__(
+        self,
+        repository: Path,
+        *,
+        http_port: int | None = None,
+        grpc_port: int | None = None,
+        metrics_port: int | None = None,
+        log_file: Path | None = None,
+        startup_timeout: float = 180.0,
+        extra_args: tuple[str, ...] = (),
+        gpu: bool = False,
+    ) -> None:
+        self.repository = Path(repository)
+        self.http_port = http_port or free_port()
+        self.grpc_port = grpc_port or free_port()
+        self.metrics_port = metrics_port or free_port()
+        self.log_file = Path(log_file) if log_file else self.repository.parent / f"tritonserver-{self.http_port}.log"
+        self.startup_timeout = startup_timeout
+        self.extra_args = extra_args
+        self.gpu = gpu
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def http_url(self) -> str:
+        return f"127.0.0.1:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    def command(self) -> list[str]:
+        install = find_triton()
+        cmd = [
+            str(install.binary),
+            f"--model-repository={self.repository}",
+            f"--backend-directory={install.backend_dir}",
+            f"--http-port={self.http_port}",
+            f"--grpc-port={self.grpc_port}",
+            f"--metrics-port={self.metrics_port}",
+            "--allow-metrics=true",
+            "--strict-readiness=true",
+            "--exit-on-error=true",
+            "--log-verbose=0",
+            "--backend-config=python,shm-default-byte-size=8388608",
+            "--backend-config=python,shm-growth-byte-size=8388608",
+        ]
+        if not self.gpu:
+            cmd += ["--allow-gpu-metrics=false", "--pinned-memory-pool-byte-size=0", "--cuda-memory-pool-byte-size=0:0"]
+        return cmd + list(self.extra_args)
+
+    def environment(self) -> dict[str, str]:
+        env = dict(os.environ)
+        # The Python-backend stub picks up the packages of the Python first on PATH (our venv).
+        env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+        env.setdefault("TOKENIZERS_PARALLELISM", "true")
+        return env
+
+    def start(self) -> TritonServer:
+        """Raises: PortInUseError, ServerError (died or not ready in time, with the log tail)."""
+        for port, what in ((self.http_port, "http"), (self.grpc_port, "grpc"), (self.metrics_port, "metrics")):
+            ensure_port_free(port, what)
+        cmd = self.command()
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        log.info("starting tritonserver (http %d, grpc %d, metrics %d), log %s", self.http_port, self.grpc_port,
+                 self.metrics_port, self.log_file)
+        with open(self.log_file, "wb") as out:
+            self.process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=self.environment(),
+                                            start_new_session=True)
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise ServerError(f"tritonserver exited with code {self.process.returncode} during startup:\n{self.log_tail()}")
+            if self.is_ready():
+                log.info("tritonserver ready")
+                return self
+            time.sleep(0.25)
+        self.stop()
+        raise ServerError(f"tritonserver not ready after {self.startup_timeout:.0f}s:\n{self.log_tail()}")
+
+    def is_ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=2) as resp:
+                return resp.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def is_alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def log_tail(self, lines: int = 50) -> str:
+        try:
+            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """terminate -> wait -> kill (the whole process group: the Python-backend stubs too)."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        try:
+            os.killpg(self.process.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            log.warning("tritonserver did not stop in %.0fs; killing", timeout)
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(5)
+
+    def __enter__(self) -> TritonServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
