@@ -180,7 +180,7 @@ def resolve_dimensions(spec: ModelSpec, dimensions: Any, *, force: bool = False)
     if dimensions is None:
         return spec.hidden_size
     if isinstance(dimensions, (bool, np.bool_)) or not isinstance(dimensions, (int, np.integer)):
-        raise InvalidArgument(f"dimensions must be an integer, got {dimensions!r}")
+        raise InvalidArgument(f"dimensions must be an integer, got {dimensions!r}", param="dimensions")
     dims = int(dimensions)
     low, high = (1, spec.hidden_size) if force else spec.dimension_range
     if low <= dims <= high:
@@ -188,9 +188,10 @@ def resolve_dimensions(spec: ModelSpec, dimensions: Any, *, force: bool = False)
     if low == high and not force:
         raise InvalidArgument(
             f"model {spec.name!r} is not Matryoshka-trained: dimensions must be {high}, got {dims} "
-            f"(pass force_dimensions=True to slice anyway)"
+            f"(pass force_dimensions=True to slice anyway)",
+            param="dimensions",
         )
-    raise InvalidArgument(f"dimensions must be between {low} and {high} for model {spec.name!r}, got {dims}")
+    raise InvalidArgument(f"dimensions must be between {low} and {high} for model {spec.name!r}, got {dims}", param="dimensions")
 
 
 def resolve_instruction(spec: ModelSpec, input_type: str | None, instruction: str | None) -> str:
@@ -205,24 +206,26 @@ def resolve_instruction(spec: ModelSpec, input_type: str | None, instruction: st
         InvalidArgument: unknown ``input_type``, non-string ``instruction``, or the contradiction above.
     """
     if input_type is not None and input_type not in INPUT_TYPES:
-        raise InvalidArgument(f"input_type must be one of {INPUT_TYPES} or None, got {input_type!r}")
+        raise InvalidArgument(f"input_type must be one of {INPUT_TYPES} or None, got {input_type!r}", param="input_type")
     if instruction is not None and not isinstance(instruction, str):
-        raise InvalidArgument(f"instruction must be a string, got {type(instruction).__name__}")
+        raise InvalidArgument(f"instruction must be a string, got {type(instruction).__name__}", param="instruction")
     if instruction:
         if input_type == "document":
-            raise InvalidArgument("instruction makes the texts queries; it cannot be combined with input_type='document'")
-        _encode(instruction, "instruction")
+            raise InvalidArgument(
+                "instruction makes the texts queries; it cannot be combined with input_type='document'", param="instruction"
+            )
+        _encode(instruction, "instruction", "instruction")
         return instruction
     if input_type == "query":
         return spec.default_query_instruction
     return ""
 
 
-def _encode(text: str, where: str) -> bytes:
+def _encode(text: str, where: str, param: str) -> bytes:
     try:
         return text.encode("utf-8")
     except UnicodeEncodeError as exc:
-        raise InvalidArgument(f"{where} is not valid UTF-8 (position {exc.start}: {exc.reason})") from None
+        raise InvalidArgument(f"{where} is not valid UTF-8 (position {exc.start}: {exc.reason})", param=param) from None
 
 
 def encode_texts(texts: str | Sequence[str]) -> list[bytes]:
@@ -235,14 +238,14 @@ def encode_texts(texts: str | Sequence[str]) -> list[bytes]:
     if isinstance(texts, str):
         texts = [texts]
     elif isinstance(texts, (bytes, bytearray)) or not isinstance(texts, Sequence):
-        raise InvalidArgument(f"texts must be a string or a sequence of strings, got {type(texts).__name__}")
+        raise InvalidArgument(f"texts must be a string or a sequence of strings, got {type(texts).__name__}", param="texts")
     encoded = []
     for i, text in enumerate(texts):
         if not isinstance(text, str):
-            raise InvalidArgument(f"texts[{i}] must be a string, got {type(text).__name__}")
+            raise InvalidArgument(f"texts[{i}] must be a string, got {type(text).__name__}", param="texts")
         if not text:
-            raise InvalidArgument(f"texts[{i}] is empty")
-        encoded.append(_encode(text, f"texts[{i}]"))
+            raise InvalidArgument(f"texts[{i}] is empty", param="texts")
+        encoded.append(_encode(text, f"texts[{i}]", "texts"))
     return encoded
 
 
@@ -395,9 +398,9 @@ def plan_embed(
     """
     for flag, value in (("truncate", truncate), ("normalize", normalize)):
         if not isinstance(value, (bool, np.bool_)):
-            raise InvalidArgument(f"{flag} must be a boolean, got {value!r}")
+            raise InvalidArgument(f"{flag} must be a boolean, got {value!r}", param=flag)
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0):
-        raise InvalidArgument(f"batch_size must be a positive integer, got {batch_size!r}")
+        raise InvalidArgument(f"batch_size must be a positive integer, got {batch_size!r}", param="batch_size")
     dims = resolve_dimensions(info.spec, dimensions, force=force_dimensions)
     encoded = encode_texts(texts)
     instr = resolve_instruction(info.spec, input_type, instruction)

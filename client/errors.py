@@ -21,15 +21,17 @@ class EmbeddingError(Exception):
     Attributes:
         message: human-readable description (without the status prefix).
         status: the raw status the transport reported (``"StatusCode.UNAVAILABLE"``, ``"503"``) or None.
+        param: for errors found locally, the argument at fault (``"dimensions"``, ``"texts"``), else None.
         retryable: whether the client's retry policy may resend the request.
     """
 
     retryable = False
 
-    def __init__(self, message: str, *, status: str | None = None) -> None:
+    def __init__(self, message: str, *, status: str | None = None, param: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.status = status
+        self.param = param
 
 
 class ConnectionFailed(EmbeddingError):

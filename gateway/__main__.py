@@ -1,0 +1,7 @@
+"""``python -m tritonembed.gateway``."""
+
+import sys
+
+from tritonembed.gateway.cli import main
+
+sys.exit(main())

@@ -1,0 +1,303 @@
+"""The gateway app over a stand-in client (no Triton): routes, envelopes, auth, limits, metrics."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import numpy as np
+import pytest
+from starlette.testclient import TestClient
+
+from tritonembed.client import ConnectionFailed, InvalidArgument, ModelNotFound, Overloaded, ServerError, Timeout
+from tritonembed.client.core import parse_model_config, plan_embed
+from tritonembed.gateway import GatewaySettings, create_app
+from tritonembed.gateway.errors import ErrorKind
+from tritonembed.spec import ModelSpec
+
+try:
+    from .test_client_core import MINILM, config_for, make_spec
+except ImportError:
+    from test_client_core import MINILM, config_for, make_spec
+
+QWEN = make_spec(hidden_size=1024, min_dimensions=32)
+KEY = "sk-test-key"
+
+
+class StubClient:
+    """Stands in for AsyncEmbeddingClient: validates through the real core, answers with vectors
+    derived from the text, counts one token per character."""
+
+    def __init__(self, specs=(QWEN, MINILM)) -> None:
+        self.infos = [parse_model_config(s.name, config_for(s, 16)) for s in specs]
+        self.error: Exception | None = None
+        self.ready = True
+        self.calls: list[dict] = []
+        self.closed = False
+
+    async def models(self):
+        if isinstance(self.error, ConnectionFailed):
+            raise self.error
+        return list(self.infos)
+
+    async def is_ready(self, model=None):
+        return self.ready
+
+    async def embed_with_usage(self, texts, *, model, **kwargs):
+        self.calls.append({"texts": list(texts), "model": model, **kwargs})
+        if self.error is not None:
+            raise self.error
+        info = next(i for i in self.infos if i.name == model)
+        plan = plan_embed(info, texts, **kwargs)
+        parts = []
+        for k, chunk in enumerate(plan.chunks):
+            rows = []
+            for i in chunk:
+                v = np.random.default_rng(len(plan.texts[i]) * 7919 + plan.texts[i][0]).standard_normal(info.spec.hidden_size)
+                rows.append(v / np.linalg.norm(v))
+            counts = np.array([[len(plan.texts[i])] for i in chunk], dtype=np.int32)
+            parts.append(plan.read_outputs(k, np.stack(rows).astype(np.float32), counts))
+        return plan.finish(parts)
+
+    async def close(self):
+        self.closed = True
+
+
+@pytest.fixture
+def stub():
+    return StubClient()
+
+
+def make_client(stub, **settings) -> TestClient:
+    base = {"api_keys": (KEY,), "max_request_bytes": 4096, "max_inputs": 8, "models_ttl": 60.0}
+    base.update(settings)
+    return TestClient(create_app(GatewaySettings(**base), client=stub), raise_server_exceptions=False)
+
+
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+def assert_envelope(response, status: int, code: str, param=None) -> dict:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"}
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    assert body["error"]["code"] == code
+    assert body["error"]["param"] == param
+    assert body["error"]["message"]
+    assert "Traceback" not in response.text
+    return body["error"]
+
+
+def test_embeddings_float_and_base64(stub):
+    with make_client(stub) as tc:
+        r = tc.post("/v1/embeddings", json={"model": QWEN.name, "input": "How are you today?", "dimensions": 768}, headers=AUTH)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["object"] == "list" and body["model"] == QWEN.name
+        assert len(body["data"]) == 1 and body["data"][0]["index"] == 0 and body["data"][0]["object"] == "embedding"
+        vec = np.array(body["data"][0]["embedding"], dtype=np.float32)
+        assert vec.shape == (768,) and abs(np.linalg.norm(vec) - 1) < 1e-5
+        assert body["usage"] == {"prompt_tokens": 18, "total_tokens": 18}
+
+        texts = ["a", "bb", "ccc", "dddd"]
+        rf = tc.post("/v1/embeddings", json={"model": QWEN.model_id, "input": texts, "dimensions": 512}, headers=AUTH).json()
+        rb = tc.post(
+            "/v1/embeddings",
+            json={"model": QWEN.model_id, "input": texts, "dimensions": 512, "encoding_format": "base64"},
+            headers=AUTH,
+        ).json()
+        assert rf["model"] == QWEN.model_id  # echoes the name the caller used
+        assert [d["index"] for d in rb["data"]] == [0, 1, 2, 3]
+        for f, b in zip(rf["data"], rb["data"], strict=True):
+            decoded = np.frombuffer(base64.b64decode(b["embedding"]), dtype="<f4")
+            np.testing.assert_array_equal(decoded, np.array(f["embedding"], dtype=np.float32))
+        assert rb["usage"]["prompt_tokens"] == 10
+    assert stub.closed is False  # an injected client belongs to the caller
+
+
+def test_extension_fields_reach_the_client(stub):
+    with make_client(stub) as tc:
+        r = tc.post(
+            "/v1/embeddings",
+            json={"model": QWEN.name, "input": ["q"], "input_type": "query", "instruction": "Find code", "truncate": False},
+            headers=AUTH,
+        )
+        assert r.status_code == 200
+        call = stub.calls[-1]
+        assert (call["input_type"], call["instruction"], call["truncate"], call["dimensions"]) == ("query", "Find code", False, None)
+        tc.post("/embeddings", json={"model": MINILM.name, "input": "x", "user": "someone"}, headers=AUTH)  # no /v1 prefix
+        assert stub.calls[-1]["model"] == MINILM.name
+
+
+def test_models_routes(stub):
+    with make_client(stub) as tc:
+        body = tc.get("/v1/models", headers=AUTH).json()
+        assert body["object"] == "list"
+        assert [m["id"] for m in body["data"]] == [QWEN.name, MINILM.name]
+        assert all(m["object"] == "model" for m in body["data"])
+        assert tc.get(f"/v1/models/{QWEN.model_id}", headers=AUTH).json()["id"] == QWEN.name
+        assert_envelope(tc.get("/v1/models/nope", headers=AUTH), 404, "model_not_found", "model")
+
+
+def test_health_ready_metrics(stub):
+    with make_client(stub) as tc:
+        assert tc.get("/health").json() == {"status": "ok"}  # no key needed
+        assert tc.get("/ready", headers=AUTH).json()["status"] == "ready"
+        stub.ready = False
+        assert_envelope(tc.get("/ready", headers=AUTH), 503, "not_ready")
+        stub.ready = True
+        stub.error = ConnectionFailed("down")
+        assert_envelope(tc.get("/ready", headers=AUTH), 503, "not_ready")
+        stub.error = None
+        tc.post("/v1/embeddings", json={"model": QWEN.name, "input": ["ab", "c"]}, headers=AUTH)
+        tc.post("/v1/embeddings", json={"model": "nope", "input": "x"}, headers=AUTH)
+        assert_envelope(tc.get("/metrics"), 401, "invalid_api_key")
+        r = tc.get("/metrics", headers=AUTH)
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+        text = r.text
+    assert 'tritonembed_gateway_requests_total{route="/v1/embeddings",status="200"} 1' in text
+    assert 'tritonembed_gateway_requests_total{route="/v1/embeddings",status="404"} 1' in text
+    assert 'tritonembed_gateway_errors_total{code="model_not_found"} 1' in text
+    assert f'tritonembed_gateway_tokens_total{{model="{QWEN.name}"}} 3' in text
+    assert f'tritonembed_gateway_inputs_total{{model="{QWEN.name}"}} 2' in text
+    assert 'tritonembed_gateway_request_duration_seconds_bucket{route="/v1/embeddings",le="+Inf"} 2' in text
+    assert 'tritonembed_gateway_request_duration_seconds_count{route="/v1/embeddings"} 2' in text
+    assert "tritonembed_gateway_requests_in_flight 1" in text  # the /metrics request itself
+    for line in text.splitlines():  # every sample line is "name{labels} number"
+        if not line.startswith("#"):
+            float(line.rsplit(" ", 1)[1])
+
+
+def test_auth(stub):
+    body = {"model": QWEN.name, "input": "x"}
+    with make_client(stub, api_keys=("k1", "k2")) as tc:
+        assert_envelope(tc.post("/v1/embeddings", json=body), 401, "invalid_api_key")
+        assert_envelope(tc.post("/v1/embeddings", json=body, headers={"Authorization": "Bearer nope"}), 401, "invalid_api_key")
+        assert_envelope(tc.post("/v1/embeddings", json=body, headers={"Authorization": "Basic k1"}), 401, "invalid_api_key")
+        assert_envelope(tc.get("/v1/models"), 401, "invalid_api_key")
+        assert_envelope(tc.get("/ready"), 401, "invalid_api_key")
+        r = tc.post("/v1/embeddings", json=body, headers={"Authorization": "Bearer nope"})
+        assert "nope" not in r.text and r.headers["www-authenticate"] == "Bearer"
+        for key in ("k1", "k2"):
+            assert tc.post("/v1/embeddings", json=body, headers={"Authorization": f"Bearer {key}"}).status_code == 200
+    with make_client(stub, api_keys=()) as tc:  # no keys configured: open
+        assert tc.post("/v1/embeddings", json=body).status_code == 200
+
+
+def test_body_limit_before_parsing(stub):
+    with make_client(stub, max_request_bytes=200) as tc:
+        big = json.dumps({"model": QWEN.name, "input": "x" * 500})
+        err = assert_envelope(
+            tc.post("/v1/embeddings", content=big, headers={**AUTH, "Content-Type": "application/json"}), 413, "request_too_large"
+        )
+        assert "200 bytes" in err["message"]
+
+        def chunked():  # no Content-Length: counted while reading
+            for _ in range(10):
+                yield b"x" * 50
+
+        assert_envelope(tc.post("/v1/embeddings", content=chunked(), headers=AUTH), 413, "request_too_large")
+        assert not stub.calls
+        assert tc.post("/v1/embeddings", json={"model": QWEN.name, "input": "ok"}, headers=AUTH).status_code == 200
+
+
+# (request body or raw bytes, status, code, param): every documented 4xx from bad input.
+BAD_REQUESTS = [
+    (b"{not json", 400, "invalid_json", None),
+    (b"[1, 2]", 400, "invalid_value", None),
+    ({"input": "x"}, 400, "invalid_value", "model"),
+    ({"model": QWEN.name}, 400, "invalid_value", "input"),
+    ({"model": QWEN.name, "input": ""}, 400, "invalid_value", "input"),
+    ({"model": QWEN.name, "input": []}, 400, "invalid_value", "input"),
+    ({"model": QWEN.name, "input": ["ok", ""]}, 400, "invalid_value", "input"),
+    ({"model": QWEN.name, "input": ["ok", 3]}, 400, "invalid_value", "input"),
+    ({"model": QWEN.name, "input": {"text": "x"}}, 400, "invalid_value", "input"),
+    ({"model": QWEN.name, "input": ["x"] * 9}, 400, "too_many_inputs", "input"),
+    ({"model": QWEN.name, "input": [1, 2, 3]}, 400, "unsupported_input", "input"),
+    ({"model": QWEN.name, "input": "x", "dimensions": 31}, 400, "invalid_value", "dimensions"),
+    ({"model": QWEN.name, "input": "x", "dimensions": 1025}, 400, "invalid_value", "dimensions"),
+    ({"model": QWEN.name, "input": "x", "dimensions": 0}, 400, "invalid_value", "dimensions"),
+    ({"model": QWEN.name, "input": "x", "dimensions": "768"}, 400, "invalid_value", "dimensions"),
+    ({"model": MINILM.name, "input": "x", "dimensions": 256}, 400, "invalid_value", "dimensions"),
+    ({"model": QWEN.name, "input": "x", "encoding_format": "int8"}, 400, "invalid_value", "encoding_format"),
+    ({"model": QWEN.name, "input": "x", "input_type": "passage"}, 400, "invalid_value", "input_type"),
+    ({"model": QWEN.name, "input": "x", "input_type": "document", "instruction": "Find"}, 400, "invalid_value", "instruction"),
+    ({"model": QWEN.name, "input": "x", "truncate": "no"}, 400, "invalid_value", "truncate"),
+    ({"model": QWEN.name, "input": "x", "frobnicate": True}, 400, "invalid_value", "frobnicate"),
+    ({"model": QWEN.name, "input": "bad \udcff"}, 400, "invalid_value", "input"),
+    ({"model": "no-such-model", "input": "x"}, 404, "model_not_found", "model"),
+]
+
+
+@pytest.mark.parametrize(("body", "status", "code", "param"), BAD_REQUESTS)
+def test_bad_requests_get_the_envelope(stub, body, status, code, param):
+    with make_client(stub) as tc:
+        content = body if isinstance(body, bytes) else json.dumps(body).encode()
+        r = tc.post("/v1/embeddings", content=content, headers={**AUTH, "Content-Type": "application/json"})
+        assert_envelope(r, status, code, param)
+        assert r.status_code != 422
+        ok = tc.post("/v1/embeddings", json={"model": QWEN.name, "input": "fine"}, headers=AUTH)
+        assert ok.status_code == 200
+
+
+def test_routes_and_methods(stub):
+    with make_client(stub) as tc:
+        err = assert_envelope(tc.get("/v1/nothing", headers=AUTH), 404, "not_found")
+        assert "/v1/nothing" in err["message"]
+        assert_envelope(tc.get("/v1/embeddings", headers=AUTH), 405, "method_not_allowed")
+        assert_envelope(tc.delete("/v1/models", headers=AUTH), 405, "method_not_allowed")
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "code"),
+    [
+        (Overloaded("Exceeds maximum queue size"), 429, "overloaded"),
+        (ConnectionFailed("refused"), 503, "backend_unavailable"),
+        (Timeout("deadline"), 504, "timeout"),
+        (InvalidArgument("text has 900 tokens, more than max_length 512"), 400, "invalid_value"),
+        (ModelNotFound("Request for unknown model"), 404, "model_not_found"),
+        (ServerError("secret internal detail"), 500, "internal_error"),
+        (RuntimeError("secret bug detail"), 500, "internal_error"),
+    ],
+)
+def test_client_errors_map_to_statuses(stub, error, status, code):
+    with make_client(stub) as tc:
+        stub.error = error
+        r = tc.post("/v1/embeddings", json={"model": QWEN.name, "input": "x"}, headers=AUTH)
+        err = assert_envelope(r, status, code)
+        assert "secret" not in r.text  # internal details stay in the log
+        if status in (429, 503):
+            assert r.headers["retry-after"]
+        if isinstance(error, InvalidArgument):
+            assert "900 tokens" in err["message"]  # the server's reason is the caller's business
+        stub.error = None
+        assert tc.post("/v1/embeddings", json={"model": QWEN.name, "input": "x"}, headers=AUTH).status_code == 200
+
+
+def test_error_table_is_complete():
+    statuses = {k.status for k in ErrorKind}
+    assert statuses == {400, 401, 404, 405, 413, 429, 500, 503, 504}
+    assert len({k.value for k in ErrorKind}) == len(ErrorKind)
+
+
+def test_token_id_input_decoded_with_the_model_tokenizer(stub, tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+
+    vocab = {"[UNK]": 0, "hello": 1, "world": 2, "again": 3}
+    tok = tokenizers.Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    ModelSpec.from_dict(MINILM.to_dict()).save(tmp_path)
+    with make_client(stub, model_dirs=(tmp_path,)) as tc:
+        r = tc.post("/v1/embeddings", json={"model": MINILM.name, "input": [[1, 2], [3]]}, headers=AUTH)
+        assert r.status_code == 200, r.text
+        assert stub.calls[-1]["texts"] == ["hello world", "again"]
+        r = tc.post("/v1/embeddings", json={"model": MINILM.name, "input": [1, 3]}, headers=AUTH)
+        assert stub.calls[-1]["texts"] == ["hello again"] and len(r.json()["data"]) == 1
+        assert_envelope(tc.post("/v1/embeddings", json={"model": MINILM.name, "input": [99]}, headers=AUTH), 400, "invalid_value", "input")
+        assert_envelope(tc.post("/v1/embeddings", json={"model": MINILM.name, "input": [[]]}, headers=AUTH), 400, "invalid_value", "input")
+        # the other model has no tokenizer configured
+        assert_envelope(tc.post("/v1/embeddings", json={"model": QWEN.name, "input": [1]}, headers=AUTH), 400, "unsupported_input", "input")
