@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,6 +22,12 @@ from tritonembed.errors import ExportError, UnsupportedModelError
 from tritonembed.spec import ModelSpec
 
 log = logging.getLogger(__name__)
+
+
+def served_name(options_name: str | None, model_id: str) -> str:
+    """The Triton model name: the user's ``--name`` or the id's last part, limited to [A-Za-z0-9._-]."""
+    raw = options_name or model_id.rstrip("/").split("/")[-1]
+    return re.sub(r"[^A-Za-z0-9._-]", "-", raw)
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -111,7 +118,7 @@ class Qwen3Family(ModelFamily):
         if max_length > limit:
             raise ExportError(f"--max-length {max_length} exceeds this model's limit of {limit}")
         return ModelSpec(
-            name=options.name or model_id.rstrip("/").split("/")[-1],
+            name=served_name(options.name, model_id),
             model_id=model_id,
             family=self.name,
             pooling=self.pooling,
@@ -201,7 +208,7 @@ class BertLikeFamily(ModelFamily):
             prompts = read_json(st_prompts).get("prompts") or {}
         query_prefix = prompts.get("query", "")
         return ModelSpec(
-            name=options.name or model_id.rstrip("/").split("/")[-1],
+            name=served_name(options.name, model_id),
             model_id=model_id,
             family=self.name,
             pooling=self.read_pooling(path),

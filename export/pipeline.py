@@ -187,6 +187,8 @@ def _export_into(staging: Path, resolved: ResolvedModel, family: ModelFamily, sp
         return report
 
     real_weights = not report.random_weights
+    if report.random_weights:
+        report.stsb = {"skipped": "random weights: STS-B measures quality, which random weights do not have"}
     fp32_scores = stsb_scores(fp32.embed, "fp32") if (run_stsb and real_weights) else {}
     final_dir = staging
     if spec.precision == "fp32":
@@ -219,8 +221,6 @@ def _export_into(staging: Path, resolved: ResolvedModel, family: ModelFamily, sp
             for lang, row in report.stsb.items():
                 if not row["target_met"]:
                     log.warning("STS-B %s: %s drops %.2f points (target <= %.1f)", lang, spec.precision, row["drop"], target)
-        elif report.random_weights:
-            report.stsb = {"skipped": "random weights: STS-B measures quality, which random weights do not have"}
     shutil.rmtree(fp32_dir, ignore_errors=True)
     _check_outputs_finite(final_dir / spec.onnx_file, tokenizer, report)
     return report

@@ -81,7 +81,7 @@ class Qwen3Shape:
         return self.vocab_size * h + self.num_hidden_layers * layer + h
 
 
-#: Named shapes: ``tiny`` for tests, the others those of Qwen3-Embedding-0.6B/4B/8B.
+#: Named shapes: ``tiny`` and ``small`` for tests, the others those of Qwen3-Embedding-0.6B/4B/8B.
 QWEN3_SHAPES: Mapping[str, Qwen3Shape] = {
     "tiny": Qwen3Shape(
         hidden_size=64,
@@ -90,6 +90,17 @@ QWEN3_SHAPES: Mapping[str, Qwen3Shape] = {
         num_key_value_heads=2,
         head_dim=16,
         intermediate_size=128,
+        tie_word_embeddings=True,
+    ),
+    # Qwen3-Embedding-0.6B's width (so Matryoshka slices such as 768 and 512 are real slices) with
+    # only two thin layers: serving and gateway tests.
+    "small": Qwen3Shape(
+        hidden_size=1024,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=64,
+        intermediate_size=256,
         tie_word_embeddings=True,
     ),
     "0.6B": Qwen3Shape(
