@@ -110,6 +110,7 @@ class TritonServer:
         startup_timeout: float = 180.0,
         extra_args: tuple[str, ...] = (),
         gpu: bool = False,
+        host: str = "127.0.0.1",
     ) -> None:
         self.repository = Path(repository)
         self.http_port = http_port or free_port()
@@ -119,6 +120,7 @@ class TritonServer:
         self.startup_timeout = startup_timeout
         self.extra_args = extra_args
         self.gpu = gpu
+        self.host = host
         self.process: subprocess.Popen | None = None
 
     @property
@@ -139,6 +141,9 @@ class TritonServer:
             str(install.binary),
             f"--model-repository={self.repository}",
             f"--backend-directory={install.backend_dir}",
+            f"--http-address={self.host}",
+            f"--grpc-address={self.host}",
+            f"--metrics-address={self.host}",
             f"--http-port={self.http_port}",
             f"--grpc-port={self.grpc_port}",
             f"--metrics-port={self.metrics_port}",

@@ -1,0 +1,197 @@
+"""``tritonembed serve`` and ``tritonembed repo``: export on first use, assemble, run Triton (+ gateway)."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+
+from tritonembed.cli import DEFAULT_MODEL, env_default
+from tritonembed.errors import ServerError, SpecError
+from tritonembed.spec import SPEC_FILENAME, ModelSpec
+
+log = logging.getLogger("tritonembed.serve")
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("TRITONEMBED_CACHE", Path.home() / ".cache" / "tritonembed"))
+
+
+def export_cache_dir(model: str, precision: str, max_length: int | None, name: str | None) -> Path:
+    key = json.dumps([model, precision, max_length, name])
+    slug = "".join(c if c.isalnum() or c in "-._" else "-" for c in model)[-60:]
+    return _cache_root() / "exports" / f"{slug}-{precision}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+
+
+def ensure_export(model: str, precision: str, max_length: int | None, name: str | None) -> Path:
+    """An exported directory for ``model``: ``model`` itself when it is one, else a cached export.
+
+    Raises:
+        the errors of :func:`tritonembed.export.pipeline.export_model`.
+    """
+    if (Path(model) / SPEC_FILENAME).is_file():
+        return Path(model)
+    target = export_cache_dir(model, precision, max_length, name)
+    try:
+        ModelSpec.load(target)
+        log.info("using cached export %s", target)
+        return target
+    except SpecError:
+        pass
+    from tritonembed.export.pipeline import export_model
+
+    log.info("exporting %s (%s) on first use into %s", model, precision, target)
+    # STS-B is skipped here to start fast; `tritonembed export` measures it (see report.json there).
+    export_model(model, target, precision=precision, max_length=max_length, name=name, overwrite=True, run_stsb=False)
+    return target
+
+
+def _serving_options(args: argparse.Namespace):
+    from tritonembed.model_repository.configs import ServingOptions
+
+    if args.profile == "gpu":
+        return ServingOptions(profile="gpu", max_texts_per_request=64, tokenizer_max_batch=256, encoder_max_batch=64,
+                              encoder_instances=args.instances, tensorrt=args.tensorrt)
+    return ServingOptions(profile="cpu", encoder_instances=args.instances,
+                          intra_op_threads=args.threads or max(1, (os.cpu_count() or 1) // args.instances))
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("models", nargs="*", default=None,
+                   help=f"model ids, local checkpoints or exported directories (default: {DEFAULT_MODEL})")
+    p.add_argument("--precision", choices=("fp32", "fp16", "int8", "int4"), default=env_default("precision", "fp32"))
+    p.add_argument("--profile", choices=("cpu", "gpu"), default=env_default("profile", "cpu"))
+    p.add_argument("--max-length", type=int, default=env_default("max_length", None, int))
+    p.add_argument("--name", default=env_default("name"), help="served name (only with one model)")
+    p.add_argument("--instances", type=int, default=env_default("instances", 1, int), help="encoder instances")
+    p.add_argument("--threads", type=int, default=env_default("threads", 0, int), help="ONNX Runtime threads per CPU instance")
+    p.add_argument("--tensorrt", action="store_true", default=env_default("tensorrt", False, bool),
+                   help="GPU profile: use the TensorRT execution accelerator")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("serve", help="serve models on tritonserver (+ the OpenAI-compatible gateway)")
+    _add_common(p)
+    p.add_argument("--repository", type=Path, default=env_default("repository", None, Path),
+                   help="where to assemble the Triton model repository (default: in the cache)")
+    p.add_argument("--http-port", type=int, default=env_default("http_port", 8000, int))
+    p.add_argument("--grpc-port", type=int, default=env_default("grpc_port", 8001, int))
+    p.add_argument("--metrics-port", type=int, default=env_default("metrics_port", 8002, int))
+    p.add_argument("--host", default=env_default("host", "127.0.0.1"),
+                   help="interface Triton listens on (0.0.0.0 to expose it)")
+    p.add_argument("--gateway-port", type=int, default=env_default("gateway_port", 8080, int))
+    p.add_argument("--gateway-host", default=env_default("gateway_host", "127.0.0.1"))
+    p.add_argument("--no-gateway", action="store_true", default=env_default("no_gateway", False, bool))
+    p.add_argument("--startup-timeout", type=float, default=env_default("startup_timeout", 300.0, float))
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("repo", help="assemble a Triton model repository (e.g. the GPU profile for docker-compose)")
+    _add_common(p)
+    p.add_argument("--output", "-o", type=Path, required=True)
+    p.set_defaults(func=cmd_repo)
+
+
+def _exports(args: argparse.Namespace) -> list[Path]:
+    models = args.models or [DEFAULT_MODEL]
+    if args.name and len(models) > 1:
+        raise ServerError("--name applies to a single model")
+    return [ensure_export(m, args.precision, args.max_length, args.name) for m in models]
+
+
+def cmd_repo(args: argparse.Namespace) -> int:
+    from tritonembed.model_repository.assemble import build_repository
+
+    specs = build_repository(args.output, _exports(args), _serving_options(args))
+    for spec in specs:
+        print(f"{spec.name}: {spec.precision}, {args.profile} profile -> {args.output}")
+    return 0
+
+
+class _Stop(Exception):
+    pass
+
+
+def _raise_stop(signum, frame):  # noqa: ARG001 - signal handler signature
+    raise _Stop(signal.Signals(signum).name)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from tritonembed.launcher import TritonServer, ensure_port_free
+    from tritonembed.model_repository.assemble import build_repository
+
+    if args.profile == "gpu" and not os.environ.get("TRITONEMBED_TRITONSERVER"):
+        raise ServerError("the gpu profile needs Triton's onnxruntime backend (the NGC tritonserver container): "
+                          "use docker-compose, or set TRITONEMBED_TRITONSERVER to that tritonserver binary")
+    # Fail fast on taken ports, before a possibly long export.
+    for port, what in ((args.http_port, "http"), (args.grpc_port, "grpc"), (args.metrics_port, "metrics")):
+        ensure_port_free(port, what)
+    if not args.no_gateway:
+        ensure_port_free(args.gateway_port, "gateway")
+    exports = _exports(args)
+    repository = args.repository or (_cache_root() / "repositories" / f"serve-{args.http_port}")
+    specs = build_repository(repository, exports, _serving_options(args))
+    server = TritonServer(repository, http_port=args.http_port, grpc_port=args.grpc_port,
+                          metrics_port=args.metrics_port, startup_timeout=args.startup_timeout,
+                          log_file=repository.parent / f"tritonserver-{args.http_port}.log", gpu=args.profile == "gpu",
+                          host=args.host)
+    previous = {s: signal.signal(s, _raise_stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    gateway = None
+    try:
+        server.start()
+        if not args.no_gateway:
+            from tritonembed.gateway.server import BackgroundGateway
+            from tritonembed.gateway.settings import GatewaySettings
+
+            settings = GatewaySettings.from_env(triton_url=server.grpc_url, port=args.gateway_port,
+                                                host=args.gateway_host, model_dirs=tuple(exports))
+            gateway = BackgroundGateway(settings).start()
+            _wait_gateway_ready(gateway.url, args.startup_timeout)
+        _announce(specs, server, gateway)
+        while server.is_alive():
+            time.sleep(0.5)
+        raise ServerError(f"tritonserver exited unexpectedly (code {server.process.returncode}):\n{server.log_tail()}")
+    except _Stop as stop:
+        log.info("%s received: shutting down", stop)
+        return 0
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if gateway is not None:
+            gateway.stop()
+        server.stop()
+
+
+def _wait_gateway_ready(url: str, timeout: float) -> None:
+    """Raises: ServerError when the gateway's /ready (Triton reachable and models ready) never answers 200."""
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url + "/ready", timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.25)
+    raise ServerError(f"the gateway at {url} did not become ready in {timeout:.0f}s")
+
+
+def _announce(specs, server, gateway) -> None:
+    lines = ["", "tritonembed is serving:"]
+    for spec in specs:
+        low, high = spec.dimension_range
+        lines.append(f"  {spec.name} ({spec.model_id}, {spec.precision}, {spec.hidden_size} dims, "
+                     f"dimensions {low}..{high}, max {spec.max_length} tokens)")
+    lines += [f"  Triton gRPC     {server.grpc_url}", f"  Triton HTTP     http://{server.http_url}/v2/models/{specs[0].name}/infer",
+              f"  Triton metrics  {server.metrics_url}"]
+    if gateway is not None:
+        lines.append(f"  OpenAI API      {gateway.url}/v1/embeddings   (openai.Client(base_url='{gateway.url}/v1'))")
+    lines.append("Press Ctrl-C to stop.")
+    print("\n".join(lines), flush=True)
