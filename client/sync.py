@@ -307,7 +307,13 @@ class EmbeddingClient:
         if count <= 1 or self.max_concurrency == 1:
             parts = [self._infer_chunk(plan, k) for k in range(count)]
         else:
-            parts = list(self._executor().map(lambda k: self._infer_chunk(plan, k), range(count)))
+            futures = [self._executor().submit(self._infer_chunk, plan, k) for k in range(count)]
+            try:
+                parts = [f.result() for f in futures]
+            except BaseException:
+                for future in futures:  # one chunk failed: do not send the ones not started yet
+                    future.cancel()
+                raise
         result = plan.finish(parts)
         logger.debug(
             "embedded %d texts with %r in %d requests, %.1f ms", plan.size, info.name, count, 1e3 * (time.perf_counter() - started)

@@ -400,10 +400,14 @@ def create_app(settings: GatewaySettings | None = None, *, client: Any = None) -
             truncate=req.truncate,
         )
         metrics.usage(info.name, len(texts), result.total_tokens)
-        body = embedding_response_json(
-            result.embeddings, model=req.model, prompt_tokens=result.total_tokens, encoding_format=req.encoding_format
-        )
-        return JSONResponse(body)
+
+        def render() -> Response:  # serializing thousands of vectors takes a while: off the event loop
+            body = embedding_response_json(
+                result.embeddings, model=req.model, prompt_tokens=result.total_tokens, encoding_format=req.encoding_format
+            )
+            return JSONResponse(body)
+
+        return await asyncio.to_thread(render)
 
     for prefix in ("/v1", ""):
         app.add_api_route(f"{prefix}/embeddings", create_embeddings, methods=["POST"])

@@ -315,3 +315,12 @@ def test_client_never_imports_torch_or_transformers():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "", f"tritonembed.client imported {out.stdout.strip()}"
+
+
+@pytest.mark.parametrize("run", SHELLS)
+def test_a_failed_chunk_stops_the_rest(server, run):
+    server.delay = 0.02
+    server.failures = [InferenceServerException("empty text", "StatusCode.INVALID_ARGUMENT")]
+    with pytest.raises(InvalidArgument):
+        run({"model": SPEC.name, "max_concurrency": 2}, "embed", TEXTS[:160])  # 20 chunks
+    assert server.calls.count(f"infer:{SPEC.name}") < 20
