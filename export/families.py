@@ -81,8 +81,8 @@ class ModelFamily(ABC):
 
         try:
             model = AutoModel.from_pretrained(str(path), attn_implementation="eager", dtype=torch.float32)
-        except (OSError, ValueError) as exc:
-            raise ExportError(f"cannot load weights from {path}: {exc}") from exc
+        except Exception as exc:  # transformers/safetensors raise OSError, ValueError, SafetensorError, ...
+            raise ExportError(f"cannot load weights from {path}: {type(exc).__name__}: {exc}") from exc
         return model.eval()
 
     def tokenizer_json(self, path: Path) -> Path:

@@ -62,9 +62,9 @@ class ServingOptions:
 
 
 def pbtxt_string(value: str) -> str:
-    """Quote ``value`` as a protobuf text-format string literal (ASCII only)."""
-    escaped = value.encode("ascii", "backslashreplace").decode("ascii")
-    return '"' + escaped.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    """Quote ``value`` as a protobuf text-format string literal (UTF-8 kept, quotes/backslashes/newlines escaped)."""
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\r", "\\r")
+    return '"' + escaped + '"'
 
 
 def tensor_block(kind: str, tensors: tuple[TensorSpec, ...], *, ragged: bool = False) -> str:

@@ -1,0 +1,97 @@
+"""Generated config.pbtxt files parse as Triton ModelConfig and agree with the spec and each other."""
+
+from __future__ import annotations
+
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
+from tests.unit.test_spec import make_spec
+from tritonembed.model_repository.configs import (
+    ServingOptions,
+    encoder_config,
+    ensemble_config,
+    pbtxt_string,
+    tokenizer_config,
+)
+from tritonembed.spec import SPEC_PARAMETER_KEY, ModelSpec, encoder_inputs, ensemble_inputs
+
+DTYPES = {v: k for k, v in model_config_pb2.DataType.items()}
+
+
+def parse(text: str) -> model_config_pb2.ModelConfig:
+    return text_format.Parse(text, model_config_pb2.ModelConfig())
+
+
+def io(tensors):
+    return [(t.name, DTYPES[t.data_type].replace("TYPE_", ""), list(t.dims), getattr(t, "optional", False))
+            for t in tensors]
+
+
+def spec_io(tensors):
+    return [(t.name, "STRING" if t.dtype == "BYTES" else t.dtype, list(t.dims), t.optional) for t in tensors]
+
+
+@pytest.fixture
+def spec() -> ModelSpec:
+    return make_spec(name="Qwen3-Embedding-4B", hidden_size=2560)
+
+
+@pytest.mark.parametrize("profile", ["cpu", "gpu"])
+def test_configs_agree_with_the_spec(spec, profile):
+    options = ServingOptions(profile=profile, encoder_max_batch=64 if profile == "gpu" else 256)
+    ens, tok, enc = parse(ensemble_config(spec, options)), parse(tokenizer_config(spec, options)), parse(encoder_config(spec, options))
+    assert ens.platform == "ensemble" and ens.name == spec.name
+    assert io(ens.input) == spec_io(ensemble_inputs())
+    assert io(ens.output) == spec_io(spec.ensemble_outputs)
+    assert io(tok.input) == spec_io(ensemble_inputs())
+    assert io(enc.input)[:2] == [(t.name, t.dtype, list(t.dims), False) for t in encoder_inputs()]
+    assert io(enc.output) == [("embedding", "FP32", [2560], False)]
+    # every composing model batches at least as much as the ensemble accepts
+    assert 0 < ens.max_batch_size <= min(tok.max_batch_size, enc.max_batch_size)
+    # the ensemble wires tokenizer outputs to encoder inputs, and the encoder's output to EMBEDDING
+    step_tok, step_enc = ens.ensemble_scheduling.step
+    assert step_tok.model_name == spec.tokenizer_model_name and step_enc.model_name == spec.encoder_model_name
+    assert {v for v in step_tok.output_map.values()} >= set(step_enc.input_map.values())
+    assert step_enc.output_map["embedding"] == "EMBEDDING"
+    assert set(step_tok.input_map) == {t.name for t in ensemble_inputs()}
+    # the published spec round-trips
+    assert ModelSpec.from_json(ens.parameters[SPEC_PARAMETER_KEY].string_value) == spec
+    # overload is refused fast, not queued forever
+    for cfg in (tok, enc):
+        policy = cfg.dynamic_batching.default_queue_policy
+        assert policy.max_queue_size > 0 and policy.timeout_action == model_config_pb2.ModelQueuePolicy.REJECT
+
+
+def test_cpu_encoder_is_a_ragged_python_model(spec):
+    enc = parse(encoder_config(spec, ServingOptions(profile="cpu", intra_op_threads=3, max_tokens_per_batch=4096)))
+    assert enc.backend == "python"
+    assert all(i.allow_ragged_batch for i in enc.input)
+    assert enc.parameters["intra_op_threads"].string_value == "3"
+    assert enc.parameters["max_tokens_per_batch"].string_value == "4096"
+    assert enc.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_CPU
+
+
+def test_gpu_encoder_uses_onnxruntime_with_warmup_and_optional_tensorrt(spec):
+    enc = parse(encoder_config(spec, ServingOptions(profile="gpu", encoder_max_batch=64)))
+    assert enc.backend == "onnxruntime" and enc.default_model_filename == "model.onnx"
+    assert enc.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
+    assert list(enc.dynamic_batching.preferred_batch_size) == [8, 16, 32, 64]
+    assert [w.batch_size for w in enc.model_warmup] == [1, 32]
+    assert not enc.optimization.execution_accelerators.gpu_execution_accelerator
+    trt = parse(encoder_config(spec, ServingOptions(profile="gpu", encoder_max_batch=64, tensorrt=True)))
+    [accel] = trt.optimization.execution_accelerators.gpu_execution_accelerator
+    assert accel.name == "tensorrt" and accel.parameters["precision_mode"] == "FP32"
+
+
+def test_pbtxt_string_escapes_templates():
+    value = 'Instruct: {instruction}\nQuery:"{text}" \\ 你好\r'
+    parsed = parse(f"name: {pbtxt_string('x')}\nparameters {{ key: \"k\" value: {{ string_value: {pbtxt_string(value)} }} }}")
+    assert parsed.parameters["k"].string_value == value
+
+
+def test_options_are_checked():
+    with pytest.raises(ValueError):
+        ServingOptions(profile="tpu")
+    with pytest.raises(ValueError):
+        ServingOptions(max_texts_per_request=512, encoder_max_batch=64)
