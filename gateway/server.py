@@ -7,6 +7,7 @@ import logging
 import socket
 import threading
 import time
+import urllib.error
 import urllib.request
 from typing import Any
 
@@ -95,6 +96,27 @@ class BackgroundGateway:
                 time.sleep(0.05)
         self.stop()
         raise RuntimeError(f"the gateway did not answer {self.url}/health within {self._start_timeout}s")
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        """Poll ``/ready`` (with the first configured API key, if any) until it answers 200.
+
+        Raises:
+            RuntimeError: not ready within ``timeout``; the message holds the last answer.
+        """
+        headers = {"Authorization": f"Bearer {self.settings.api_keys[0]}"} if self.settings.api_keys else {}
+        deadline = time.monotonic() + timeout
+        last = "no answer"
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(urllib.request.Request(self.url + "/ready", headers=headers), timeout=5) as response:
+                    if response.status == 200:
+                        return
+            except urllib.error.HTTPError as exc:
+                last = f"{exc.code} {exc.read()[:300].decode(errors='replace')}"
+            except OSError as exc:
+                last = str(exc)
+            time.sleep(0.25)
+        raise RuntimeError(f"the gateway at {self.url} did not become ready in {timeout:.0f}s (last answer: {last})")
 
     def stop(self) -> None:
         if self._server is not None:

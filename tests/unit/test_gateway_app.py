@@ -301,3 +301,14 @@ def test_token_id_input_decoded_with_the_model_tokenizer(stub, tmp_path):
         assert_envelope(tc.post("/v1/embeddings", json={"model": MINILM.name, "input": [[]]}, headers=AUTH), 400, "invalid_value", "input")
         # the other model has no tokenizer configured
         assert_envelope(tc.post("/v1/embeddings", json={"model": QWEN.name, "input": [1]}, headers=AUTH), 400, "unsupported_input", "input")
+
+
+def test_background_gateway_wait_ready_sends_the_key(stub):
+    from tritonembed.gateway import BackgroundGateway
+
+    settings = GatewaySettings(port=0, api_keys=(KEY,), log_level="warning")
+    with BackgroundGateway(settings, client=stub) as gw:
+        gw.wait_ready(timeout=10)  # /ready needs the key: wait_ready sends it
+        stub.ready = False
+        with pytest.raises(RuntimeError, match="503"):
+            gw.wait_ready(timeout=0.5)
