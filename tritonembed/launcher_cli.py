@@ -150,7 +150,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
             settings = GatewaySettings.from_env(triton_url=server.grpc_url, port=args.gateway_port,
                                                 host=args.gateway_host, model_dirs=tuple(exports))
             gateway = BackgroundGateway(settings).start()
-            _wait_gateway_ready(gateway.url, args.startup_timeout)
+            try:
+                gateway.wait_ready(args.startup_timeout)  # /ready: Triton reachable, models ready (with a key if set)
+            except RuntimeError as exc:
+                raise ServerError(str(exc)) from exc
         _announce(specs, server, gateway)
         while server.is_alive():
             time.sleep(0.5)
@@ -164,23 +167,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if gateway is not None:
             gateway.stop()
         server.stop()
-
-
-def _wait_gateway_ready(url: str, timeout: float) -> None:
-    """Raises: ServerError when the gateway's /ready (Triton reachable and models ready) never answers 200."""
-    import urllib.error
-    import urllib.request
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url + "/ready", timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.25)
-    raise ServerError(f"the gateway at {url} did not become ready in {timeout:.0f}s")
 
 
 def _announce(specs, server, gateway) -> None:
