@@ -90,10 +90,24 @@ def register(sub) -> None:
     p.add_argument("--startup-timeout", type=float, default=env_default("startup_timeout", 300.0, float))
     p.set_defaults(func=cmd_serve)
 
+    p = sub.add_parser("gateway", help="run only the OpenAI-compatible gateway in front of a running Triton")
+    from tritonembed.gateway.cli import build_parser as gateway_parser
+
+    gateway_parser(p)
+    p.set_defaults(func=cmd_gateway)
+
     p = sub.add_parser("repo", help="assemble a Triton model repository (e.g. the GPU profile for docker-compose)")
     _add_common(p)
     p.add_argument("--output", "-o", type=Path, required=True)
     p.set_defaults(func=cmd_repo)
+
+
+def cmd_gateway(args: argparse.Namespace) -> int:
+    from tritonembed.gateway.cli import settings_from_args
+    from tritonembed.gateway.server import run_gateway
+
+    run_gateway(settings_from_args(args))
+    return 0
 
 
 def _exports(args: argparse.Namespace) -> list[Path]:
