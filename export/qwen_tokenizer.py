@@ -17,7 +17,7 @@ that Qwen3-Embedding ships on the Hugging Face hub:
   only the attention mask tells them apart).
 
 Deriving the merges takes about a second, so the finished JSON is cached under
-``$TRITONEMBED_CACHE_DIR`` (default ``$XDG_CACHE_HOME/tritonembed`` or ``~/.cache/tritonembed``),
+``$TRITONEMBED_CACHE`` (default ``$XDG_CACHE_HOME/tritonembed`` or ``~/.cache/tritonembed``),
 keyed by the SHA-256 of the ranks file and :data:`BUILDER_VERSION`.
 
 Only ``tokenizers`` is needed (no torch, no transformers, no tiktoken).
@@ -36,6 +36,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tritonembed.cache import cache_dir
 from tritonembed.errors import ExportError
 
 if TYPE_CHECKING:
@@ -137,17 +138,8 @@ def default_tiktoken_path() -> Path:
 
 
 def default_cache_dir() -> Path:
-    """Return the tokenizer cache folder.
-
-    ``$TRITONEMBED_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME/tritonembed``, else
-    ``~/.cache/tritonembed``. The folder is not created here.
-    """
-    explicit = os.environ.get("TRITONEMBED_CACHE_DIR")
-    if explicit:
-        return Path(explicit)
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg) if xdg else Path.home() / ".cache"
-    return base / "tritonembed"
+    """Return the tokenizer cache folder (:func:`tritonembed.cache.cache_dir`); not created here."""
+    return cache_dir()
 
 
 def _read_ranks_file(path: Path) -> bytes:

@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from tritonembed.cache import cache_dir
 from tritonembed.errors import ModelResolutionError
 
 log = logging.getLogger(__name__)
@@ -34,11 +35,6 @@ class ResolvedModel:
     @property
     def short_name(self) -> str:
         return self.model_id.rstrip("/").split("/")[-1]
-
-
-def cache_dir() -> Path:
-    """Where tritonembed keeps built models and exports (``TRITONEMBED_CACHE`` or ``~/.cache/tritonembed``)."""
-    return Path(os.environ.get("TRITONEMBED_CACHE", Path.home() / ".cache" / "tritonembed"))
 
 
 def _packaged_path(model_id: str) -> Path | None:
@@ -90,7 +86,7 @@ def resolve_model(model: str) -> ResolvedModel:
     if local.is_dir():
         if not (local / "config.json").is_file():
             raise ModelResolutionError(f"{local} is a directory but has no config.json: not a Hugging Face model")
-        return ResolvedModel(local.resolve(), model.rstrip("/").split("/")[-1] if "/" not in model.strip("/") else local.name, "local")
+        return ResolvedModel(local.resolve(), local.resolve().name, "local")
     tried.append(f"local path {local}: not a directory")
 
     if model.startswith(RANDOM_QWEN3_PREFIX):

@@ -18,6 +18,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from tritonembed.cache import cache_dir
 from tritonembed.errors import ServerError
 
 log = logging.getLogger(__name__)
@@ -49,10 +50,6 @@ def ensure_port_free(port: int, what: str) -> None:
             raise PortInUseError(f"{what} port {port} is already in use ({exc.strerror}); pick another with --{what}-port") from exc
 
 
-def _cache_root() -> Path:
-    return Path(os.environ.get("TRITONEMBED_CACHE", Path.home() / ".cache" / "tritonembed"))
-
-
 def find_triton() -> TritonInstall:
     """Locate tritonserver and a backend directory whose Python backend has a stub for this Python.
 
@@ -78,7 +75,7 @@ def find_triton() -> TritonInstall:
     if not binary.is_file() or not stub.is_file():
         raise ServerError(f"incomplete tritonserver in {root} (binary or Python {version} stub missing)")
     # The stub must sit beside libtriton_python.so; build that layout in our cache, not in site-packages.
-    backend_dir = _cache_root() / "triton-backends" / version
+    backend_dir = cache_dir() / "triton-backends" / version
     python_dir = backend_dir / "python"
     python_dir.mkdir(parents=True, exist_ok=True)
     for item in (root / "backends" / "python").iterdir():

@@ -12,20 +12,17 @@ import time
 from pathlib import Path
 
 from tritonembed.cli import DEFAULT_MODEL, env_default
+from tritonembed.cache import cache_dir
 from tritonembed.errors import ServerError, SpecError
 from tritonembed.spec import SPEC_FILENAME, ModelSpec
 
 log = logging.getLogger("tritonembed.serve")
 
 
-def _cache_root() -> Path:
-    return Path(os.environ.get("TRITONEMBED_CACHE", Path.home() / ".cache" / "tritonembed"))
-
-
 def export_cache_dir(model: str, precision: str, max_length: int | None, name: str | None) -> Path:
     key = json.dumps([model, precision, max_length, name])
     slug = "".join(c if c.isalnum() or c in "-._" else "-" for c in model)[-60:]
-    return _cache_root() / "exports" / f"{slug}-{precision}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+    return cache_dir() / "exports" / f"{slug}-{precision}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
 
 
 def ensure_export(model: str, precision: str, max_length: int | None, name: str | None) -> Path:
@@ -147,7 +144,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not args.no_gateway:
         ensure_port_free(args.gateway_port, "gateway")
     exports = _exports(args)
-    repository = args.repository or (_cache_root() / "repositories" / f"serve-{args.http_port}")
+    repository = args.repository or (cache_dir() / "repositories" / f"serve-{args.http_port}")
     specs = build_repository(repository, exports, _serving_options(args))
     server = TritonServer(repository, http_port=args.http_port, grpc_port=args.grpc_port,
                           metrics_port=args.metrics_port, startup_timeout=args.startup_timeout,

@@ -65,7 +65,7 @@ def tiktoken_encoding(ranks: dict[bytes, int]) -> Any:
 @pytest.fixture(scope="module")
 def saved_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer: Any, cache_dir: Path) -> Path:
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TRITONEMBED_CACHE_DIR", str(cache_dir))  # reuse the module's cache entry
+        mp.setenv("TRITONEMBED_CACHE", str(cache_dir))  # reuse the module's cache entry
         return qt.save_qwen3_tokenizer(tmp_path_factory.mktemp("qwen3-tokenizer"))
 
 
@@ -368,9 +368,9 @@ def test_corrupt_cache_is_rebuilt(tmp_path: Path, tokenizer: Any, cache_dir: Pat
 
 
 def test_cache_dir_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setenv("TRITONEMBED_CACHE_DIR", str(tmp_path / "x"))
+    monkeypatch.setenv("TRITONEMBED_CACHE", str(tmp_path / "x"))
     assert qt.default_cache_dir() == tmp_path / "x"
-    monkeypatch.delenv("TRITONEMBED_CACHE_DIR")
+    monkeypatch.delenv("TRITONEMBED_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert qt.default_cache_dir() == tmp_path / "xdg" / "tritonembed"
 
