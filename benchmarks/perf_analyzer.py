@@ -101,8 +101,12 @@ def run_perf_analyzer(
     measurement_ms: int = 3000,
     texts: list[str] | None = None,
     timeout: float = 600.0,
+    request_count: int | None = None,
 ) -> list[PerfRow]:
     """Profile ``model`` at ``url`` over a concurrency range; returns one row per level.
+
+    With ``request_count``, each measurement window is that many requests (``count_windows`` mode)
+    instead of ``measurement_ms``: slow requests (large batches, a loaded machine) still get measured.
 
     Raises:
         PerfAnalyzerError: the binary is missing, exits non-zero, or writes no CSV.
@@ -115,6 +119,8 @@ def run_perf_analyzer(
            "--input-data", str(data), "--concurrency-range", concurrency,
            "--measurement-interval", str(measurement_ms), "--stability-percentage", "999",
            "--max-trials", "3", "--percentile", "95", "-f", str(csv_path)]
+    if request_count is not None:
+        cmd += ["--measurement-mode", "count_windows", "--measurement-request-count", str(request_count)]
     log.info("running %s", " ".join(cmd))
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=perf_env())
     (workdir / "perf_analyzer.log").write_text(proc.stdout + proc.stderr)

@@ -1,0 +1,129 @@
+"""In-process baselines, each run in its own subprocess so its peak memory and imports are its own.
+
+- ``ort``: a bare ONNX Runtime session on the same ``model.onnx`` the server runs, fed by the same
+  tokenizer, with the same number of intra-op threads: the ceiling of what serving can reach.
+- ``torch``: the upstream usage code in PyTorch (sentence-transformers for BERT-like models,
+  transformers with last-token pooling for Qwen3).
+
+    python -m tritonembed.benchmarks.inprocess --engine ort --export-dir DIR --workload W.json --out R.json
+
+The workload file holds ``{"name": {"texts": [...], "tokens": [...]}}``; every workload runs at every
+batch size given. The result file holds one entry per (workload, batch size) plus the peak RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from tritonembed.benchmarks.loadgen import make_batches, sequential_loop
+from tritonembed.benchmarks.system import own_peak_rss_bytes
+
+log = logging.getLogger("tritonembed.benchmarks.inprocess")
+
+
+def ort_embedder(export_dir: Path, threads: int) -> Callable[[Sequence[str]], np.ndarray]:
+    """Texts -> embeddings with ONNX Runtime: tokenize (serving tokenizer), pad to the longest, run."""
+    from tritonembed.export.validate import OnnxEncoder
+    from tritonembed.model_repository.tokenization import SpecTokenizer
+    from tritonembed.spec import ModelSpec
+
+    spec = ModelSpec.load(export_dir)
+    encoder = OnnxEncoder(export_dir / spec.onnx_file, SpecTokenizer(export_dir / spec.tokenizer_file, spec),
+                          threads=threads)
+
+    def embed(texts: Sequence[str]) -> np.ndarray:
+        return encoder.embed(spec_format(spec, texts), batch_size=len(texts))
+
+    return embed
+
+
+def spec_format(spec, texts: Sequence[str]) -> list[str]:
+    return [spec.format_text(t, None) for t in texts]
+
+
+def torch_embedder(export_dir: Path, source: Path, threads: int) -> Callable[[Sequence[str]], np.ndarray]:
+    """Texts -> embeddings with the upstream PyTorch usage code for the export's family."""
+    import torch
+
+    from tritonembed.spec import ModelSpec
+
+    torch.set_num_threads(threads)
+    spec = ModelSpec.load(export_dir)
+    if spec.family == "bert":
+        from sentence_transformers import SentenceTransformer
+
+        model = SentenceTransformer(str(source), device="cpu")
+        model.max_seq_length = spec.max_length
+
+        def embed_st(texts: Sequence[str]) -> np.ndarray:
+            return model.encode(list(texts), batch_size=len(texts), normalize_embeddings=True, convert_to_numpy=True)
+
+        return embed_st
+
+    import torch.nn.functional as F
+    from transformers import AutoTokenizer
+
+    from tritonembed.export.families import family_by_name
+
+    tokenizer = AutoTokenizer.from_pretrained(str(source), padding_side="left")
+    backbone = family_by_name(spec.family).load_backbone(source)
+
+    def embed_qwen(texts: Sequence[str]) -> np.ndarray:
+        batch = tokenizer(list(texts), padding=True, truncation=True, max_length=spec.max_length, return_tensors="pt")
+        with torch.inference_mode():
+            hidden = backbone(**batch).last_hidden_state
+        return F.normalize(hidden[:, -1], p=2, dim=1).numpy()  # left padding: the last position is the EOS
+
+    return embed_qwen
+
+
+def run(args: argparse.Namespace) -> dict:
+    started = time.perf_counter()
+    if args.engine == "ort":
+        embed = ort_embedder(args.export_dir, args.threads)
+    else:
+        embed = torch_embedder(args.export_dir, args.source, args.threads)
+    load_s = time.perf_counter() - started
+    workloads = json.loads(Path(args.workload).read_text(encoding="utf-8"))
+    results = []
+    for name, data in workloads.items():
+        for batch_size in args.batch_sizes:
+            batches = make_batches(data["texts"], data["tokens"], batch_size)
+            measured = sequential_loop(embed, batches, duration_s=args.duration, min_requests=args.min_requests,
+                                       warmup_requests=min(2, args.min_requests))
+            log.info("%s %s b%d: %.1f texts/s, p50 %.1f ms", args.engine, name, batch_size, measured.texts_per_s,
+                     measured.latency["p50_ms"])
+            results.append({"workload": name, "batch_size": batch_size, **measured.to_dict()})
+    return {"engine": args.engine, "threads": args.threads, "load_s": round(load_s, 2),
+            "peak_rss_bytes": own_peak_rss_bytes(), "results": results}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tritonembed.benchmarks.inprocess")
+    p.add_argument("--engine", choices=("ort", "torch"), required=True)
+    p.add_argument("--export-dir", type=Path, required=True)
+    p.add_argument("--source", type=Path, help="the checkpoint (torch engine)")
+    p.add_argument("--threads", type=int, required=True)
+    p.add_argument("--workload", type=Path, required=True)
+    p.add_argument("--batch-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 32])
+    p.add_argument("--duration", type=float, default=5.0)
+    p.add_argument("--min-requests", type=int, default=4)
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args(argv)
+    if args.engine == "torch" and args.source is None:
+        p.error("--source is required with --engine torch")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    args.out.write_text(json.dumps(run(args), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""Benchmark pieces that need no server: batching, load loops, variants, summary/goals, the report, the CLI."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import copy
+
+import pytest
+
+from tritonembed.benchmarks.bench import parse_variant, quick_config, smoke_config, summarize
+from tritonembed.benchmarks.cli import bench_config, register
+from tritonembed.benchmarks.loadgen import closed_loop, make_batches, sequential_loop
+from tritonembed.benchmarks.report import BEGIN, END, fmt, render, table, write_report
+
+
+def test_make_batches_chunks_and_token_sums():
+    batches = make_batches(["a", "b", "c", "d", "e"], [1, 2, 3, 4, 5], 2)
+    assert [b.texts for b in batches] == [("a", "b"), ("c", "d"), ("e",)]
+    assert [b.tokens for b in batches] == [3, 7, 5]
+    with pytest.raises(ValueError):
+        make_batches(["a"], [1], 0)
+
+
+def test_sequential_loop_counts_every_call():
+    calls = []
+    batches = make_batches(["a", "b", "c"], [2, 2, 2], 1)
+    t = sequential_loop(calls.append, batches, duration_s=0.0, warmup_requests=1, min_requests=5)
+    assert t.requests == 5 and t.texts == 5 and t.tokens == 10
+    assert len(calls) == 6  # one warm-up
+    assert t.latency["p50_ms"] >= 0
+
+
+def test_closed_loop_runs_concurrent_workers():
+    in_flight = 0
+    peak = 0
+
+    async def call(texts):
+        nonlocal in_flight, peak
+        in_flight += 1
+        peak = max(peak, in_flight)
+        await asyncio.sleep(0.01)
+        in_flight -= 1
+
+    batches = make_batches(["x"] * 4, [3] * 4, 2)
+    t = asyncio.run(closed_loop(call, batches, concurrency=3, duration_s=0.05, warmup_requests=0, min_requests=3))
+    assert peak == 3
+    assert t.texts == 2 * t.requests and t.tokens == 6 * t.requests
+    assert t.texts_per_s > 0
+
+
+def test_closed_loop_propagates_failures():
+    async def call(texts):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        asyncio.run(closed_loop(call, make_batches(["x"], [1], 1), concurrency=1, duration_s=0.01))
+
+
+def test_parse_variant():
+    assert parse_variant("queue_delay_us=0") == {"queue_delay_us": 0}
+    assert parse_variant("queue_delay_us=0+max_tokens_per_batch=2048") == {"queue_delay_us": 0,
+                                                                           "max_tokens_per_batch": 2048}
+    assert parse_variant("pad_to_buckets=false") == {"pad_to_buckets": False}
+    for bad in ("queue_delay_us", "nope=1", "queue_delay_us=x"):
+        with pytest.raises(ValueError):
+            parse_variant(bad)
+
+
+def test_presets_are_small_and_complete():
+    smoke = smoke_config()
+    assert smoke.models == ("minilm",) and smoke.precisions == ("fp32",) and not smoke.peer and not smoke.torch_baseline
+    quick = quick_config(models=("minilm",))
+    assert quick.models == ("minilm",) and quick.mode == "quick"
+
+
+def _cli(*argv):
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    return parser.parse_args(["bench", *argv])
+
+
+def test_cli_flags_override_the_preset():
+    cfg = bench_config(_cli("--smoke", "--concurrency", "1,3", "--no-gateway", "--variants", "queue_delay_us=0"))
+    assert cfg.mode == "smoke" and cfg.concurrency_b1 == (1, 3) and cfg.gateway is False
+    assert cfg.variants == ("queue_delay_us=0",)
+    cfg = bench_config(_cli("--quick", "--no-peer", "--models", "minilm"))
+    assert cfg.mode == "quick" and cfg.peer is False and cfg.models == ("minilm",)
+    with pytest.raises(SystemExit):
+        bench_config(_cli("--models", "gpt-5"))
+
+
+def _perf_row(workload, batch, conc, tps, p50, real, padded):
+    return {"tool": "perf_analyzer", "workload": workload, "batch_size": batch, "concurrency": conc, "texts_per_s": tps,
+            "tokens_per_s": tps * 10, "p50_ms": p50, "p95_ms": p50 * 2, "p99_ms": p50 * 3, "padding_waste": 1 - real / padded,
+            "avg_encoder_batch": 4.0, "rows_per_onnx_run": 4.0,
+            "encoder_counters": {"encoder_real_tokens": real, "encoder_padded_tokens": padded, "encoder_rows": 8.0,
+                                 "encoder_batches": 2.0},
+            "tokenizer": {"queue_us": 2000.0}, "encoder": {"queue_us": 2100.0, "compute_infer_us": 900.0}}
+
+
+def _loop_row(tool, workload, batch, conc, tps, p50):
+    return {"tool": tool, "workload": workload, "batch_size": batch, "concurrency": conc, "texts": 10, "tokens": 100,
+            "seconds": 1.0, "requests": 5, "texts_per_s": tps, "tokens_per_s": tps * 10,
+            "latency": {"p50_ms": p50, "p95_ms": p50, "p99_ms": p50, "mean_ms": p50}, "p50_ms": p50, "p95_ms": p50,
+            "p99_ms": p50}
+
+
+MODEL = {
+    "model_id": "m/id", "served_name": "m", "family": "bert", "max_length": 256, "threads": 2,
+    "workloads": {"mixed": {"texts": 8, "mean_tokens": 10.0, "p50_tokens": 8, "max_tokens": 40},
+                  "short": {"texts": 4, "mean_tokens": 9.0, "p50_tokens": 9, "max_tokens": 12}},
+    "bare_ort": {"peak_rss_bytes": 2**28, "results": [
+        {k: v for k, v in _loop_row("ort", "short", 1, 1, 300.0, 3.0).items() if k not in ("p50_ms", "p95_ms", "p99_ms")},
+        _loop_row("ort", "mixed", 32, 1, 1000.0, 30.0), _loop_row("ort", "mixed_sorted", 32, 1, 1200.0, 25.0)]},
+    "torch": {"peak_rss_bytes": 2**29, "results": [_loop_row("torch", "short", 1, 1, 100.0, 9.0),
+                                                   _loop_row("torch", "mixed_sorted", 32, 1, 600.0, 50.0)]},
+    "ours": {"peak_rss_bytes": 2**29, "perf": [_perf_row("short", 1, 1, 200.0, 5.5, 90.0, 90.0),
+                                               _perf_row("mixed", 1, 4, 900.0, 4.0, 850.0, 1000.0),
+                                               _perf_row("mixed", 32, 2, 1100.0, 50.0, 900.0, 1000.0)],
+             "async_client": [_loop_row("async_client", "mixed", 32, 2, 1000.0, 60.0)],
+             "gateway": [dict(_loop_row("gateway", "mixed", 32, 2, 950.0, 66.0), gateway_peak_rss_bytes=2**26)]},
+    "variants": {"queue_delay_us=0": {"peak_rss_bytes": 2**29, "perf": [_perf_row("short", 1, 1, 300.0, 3.5, 9.0, 9.0)]}},
+    "precisions": {"fp32": {"server_peak_rss_bytes": 2**29, "server_texts_per_s": 1100.0, "bare_ort_peak_rss_bytes": 2**28,
+                            "bare_ort_texts_per_s": 1200.0, "onnx_bytes": 2**26},
+                   "int8": {"skipped": "export failed: ModuleNotFoundError: quantize"}},
+    "peer": {"infinity-torch": {"peak_rss_bytes": 2**30, "rows": [_loop_row("infinity-torch", "mixed", 32, 2, 500.0, 80.0)]},
+             "infinity-optimum": {"skipped": "Infinity (optimum) exited with 1:\nNo onnx files found"}},
+}
+
+
+def test_summary_ratios_and_goals():
+    s = summarize(copy.deepcopy(MODEL))
+    assert s["ours_grpc_best_texts_per_s"] == 1100.0
+    assert s["bare_ort_best_texts_per_s"] == 1200.0
+    assert s["ratios"]["ours_over_bare_ort"] == pytest.approx(0.917)
+    assert s["ratios"]["ours_over_torch"] == pytest.approx(1.833)
+    assert s["ratios"]["ours_over_peer"] == 2.2 and s["peer_best"] == "infinity-torch"
+    assert s["ratios"]["gateway_over_peer"] == 1.9
+    assert s["p50_overhead_ms"] == 2.5
+    assert s["padding_waste_mixed"] == 0.125
+    verdicts = {g["name"]: g["met"] for g in s["goals"]}
+    assert list(verdicts.values()) == [True, False, True, True, True]
+    assert s["serving"]["queue_delay_us=0"]["short_p50_ms"] == 3.5
+
+
+def test_summary_without_optional_sections():
+    model = copy.deepcopy(MODEL)
+    del model["torch"]
+    model["peer"] = {"skipped": "peer disabled"}
+    model["ours"] = {"perf": model["ours"]["perf"]}
+    s = summarize(model)
+    assert s["torch_best_texts_per_s"] is None and s["peer_best"] is None
+    assert [g["met"] for g in s["goals"]][2:4] == [None, None]
+
+
+def _result():
+    model = copy.deepcopy(MODEL)
+    model["summary"] = summarize(model)
+    return {"command": "tritonembed bench --quick", "started_utc": "2026-01-01T00:00:00Z", "seconds": 1.0,
+            "config": {"mode": "quick"}, "gpu": "none", "load_average_start": (0.1, 0.2, 0.3),
+            "load_average_end": (0.1, 0.2, 0.3), "notes": ["int8 skipped"],
+            "machine": {"cpu_count": 2, "Model name": "CPU", "mem_total_gib": 24.0}, "models": {"m": model}}
+
+
+def test_render_contains_every_table():
+    text = render(_result())
+    for needle in ("tritonembed bench --quick", "× bare ORT", "**met**", "**not met**", "padding waste",
+                   "`queue_delay_us=0`", "skipped: export failed", "infinity-optimum", "int8 skipped"):
+        assert needle in text, needle
+
+
+def test_write_report_keeps_text_around_the_markers(tmp_path):
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text(f"# Title\n\nintro\n\n{BEGIN}\nold\n{END}\n\nanalysis\n")
+    write_report(_result(), doc)
+    text = doc.read_text()
+    assert text.startswith("# Title\n\nintro") and text.rstrip().endswith("analysis")
+    assert "old" not in text and "× bare ORT" in text
+
+
+def test_table_and_fmt():
+    assert fmt(None) == "—" and fmt(1234.5) == "1,234.5" and fmt(0.25, 2) == "0.25" and fmt(True) == "yes"
+    assert table(["a", "b"], [[1, "x"]]).splitlines() == ["| a | b |", "|---|---|", "| 1 | x |"]
