@@ -83,6 +83,7 @@ class BenchConfig:
     # Serving-option variants measured beside the defaults ("field=value", "+" joins several).
     variants: tuple[str, ...] = ("queue_delay_us=0", "max_tokens_per_batch=2048",
                                  "queue_delay_us=0+max_tokens_per_batch=2048")
+    variant_models: tuple[str, ...] = ("minilm", "qwen3-small", "qwen3-0.6b")
     min_requests: int = 4
     precision_models: tuple[str, ...] = ("minilm",)
     mode: str = "full"
@@ -92,18 +93,20 @@ class BenchConfig:
 
 
 def quick_config(**overrides: Any) -> BenchConfig:
-    """The ``--quick`` preset: MiniLM (all precisions, peer) + the small Qwen3 shape, short phases (< 10 min)."""
-    base = BenchConfig(models=("minilm", "qwen3-small"), texts=256, short_texts=64, perf_measurement_ms=1500,
-                       perf_requests_b32=6, duration_s=4.0, concurrency_b1=(1, 4, 8), concurrency_b32=(1, 2), peer_engines=("torch",),
-                       mode="quick")
+    """The ``--quick`` preset: MiniLM (all precisions, variants, Infinity) + the small Qwen3 shape, short phases."""
+    base = BenchConfig(
+        models=("minilm", "qwen3-small"), texts=256, short_texts=64, perf_measurement_ms=1500, perf_requests_b32=6,
+        duration_s=4.0, concurrency_b1=(1, 4, 8), concurrency_b32=(1, 2), peer_engines=("torch",),
+        variant_models=("minilm",), mode="quick")
     return replace(base, **overrides)
 
 
 def smoke_config(**overrides: Any) -> BenchConfig:
     """Seconds, not minutes: MiniLM fp32, one concurrency level, no PyTorch, no peer, no variants."""
-    base = BenchConfig(models=("minilm",), precisions=("fp32",), texts=32, short_texts=16, perf_measurement_ms=500,
-                       perf_requests_b1=4, perf_requests_b32=2, duration_s=0.5, concurrency_b1=(2,), concurrency_b32=(1,), torch_baseline=False, peer=False,
-                       variants=(), min_requests=1, mode="smoke")
+    base = BenchConfig(
+        models=("minilm",), precisions=("fp32",), texts=32, short_texts=16, perf_measurement_ms=500,
+        perf_requests_b1=4, perf_requests_b32=2, duration_s=0.5, concurrency_b1=(2,), concurrency_b32=(1,),
+        torch_baseline=False, peer=False, variants=(), min_requests=1, mode="smoke")
     return replace(base, **overrides)
 
 
@@ -290,7 +293,7 @@ class Bench:
                                   "max_tokens_per_batch": options.max_tokens_per_batch}
         out["ours"] = self.serve_and_measure(export_dir, spec, options, workloads, mdir / "triton-fp32", full=True)
         variants = {}
-        for i, text in enumerate(cfg.variants):
+        for i, text in enumerate(cfg.variants if case.key in cfg.variant_models else ()):
             variant = replace(options, **parse_variant(text))
             variants[text] = self.serve_and_measure(export_dir, spec, variant, workloads, mdir / f"triton-variant{i}",
                                                     full=False)
@@ -379,7 +382,7 @@ class Bench:
 
     def perf_phases(self, server: Any, spec: Any, probe: ServerProbe, workloads: dict[str, Workload], wdir: Path,
                     *, b1: Sequence[int], b32: Sequence[int]) -> list[dict[str, Any]]:
-        from tritonembed.benchmarks.perf_analyzer import run_perf_analyzer
+        from tritonembed.benchmarks.perf_analyzer import PerfAnalyzerError, run_perf_analyzer
 
         phases = [("short", 1, 1)] + [("mixed", 1, c) for c in b1] + [("mixed", 32, c) for c in b32]
         rows = []
@@ -387,10 +390,22 @@ class Bench:
             w = workloads[workload]
             before = probe.snapshot()
             count = self.config.perf_requests_b1 if batch == 1 else max(self.config.perf_requests_b32, 2 * concurrency)
-            perf = run_perf_analyzer(spec.name, server.grpc_url, wdir / f"perf-{workload}-b{batch}-c{concurrency}",
-                                     concurrency=f"{concurrency}:{concurrency}:1", batch_size=batch,
-                                     measurement_ms=self.config.perf_measurement_ms, texts=list(w.texts),
-                                     request_count=count)[0]
+            pdir = wdir / f"perf-{workload}-b{batch}-c{concurrency}"
+            try:
+                perf = run_perf_analyzer(spec.name, server.grpc_url, pdir, concurrency=f"{concurrency}:{concurrency}:1",
+                                         batch_size=batch, measurement_ms=self.config.perf_measurement_ms,
+                                         texts=list(w.texts), request_count=count)[0]
+            except PerfAnalyzerError as exc:
+                # "Failed to obtain stable measurement" happens on a busy machine: retry once, longer.
+                log.warning("perf_analyzer failed (%s); retrying with longer windows", str(exc).splitlines()[0])
+                try:
+                    perf = run_perf_analyzer(spec.name, server.grpc_url, pdir, concurrency=f"{concurrency}:{concurrency}:1",
+                                             batch_size=batch, measurement_ms=2 * self.config.perf_measurement_ms,
+                                             texts=list(w.texts), request_count=count and 2 * count, max_trials=10)[0]
+                except PerfAnalyzerError as again:
+                    self.note(f"{spec.name}: perf_analyzer {workload} batch {batch} concurrency {concurrency} failed "
+                              f"twice, phase left out: {str(again).splitlines()[-1][:200]}")
+                    continue
             delta = probe.delta(probe.snapshot(), before)
             row = {"tool": "perf_analyzer", "protocol": "grpc", "workload": workload, "batch_size": batch,
                    "concurrency": concurrency, **perf.to_dict(),
@@ -500,9 +515,16 @@ class Bench:
         from tritonembed.model_repository.configs import ServingOptions
         from tritonembed.spec import ModelSpec
 
+        import importlib.util
+
         entries = {"fp32": self.precision_entry(out["ours"], out["bare_ort"])}
         for precision in self.config.precisions:
             if precision == "fp32":
+                continue
+            if importlib.util.find_spec("tritonembed.export.quantize") is None:
+                entries[precision] = {"skipped": "tritonembed.export.quantize is not there yet (quantized exports "
+                                                 "unavailable in this checkout)"}
+                self.note(f"{case.key} {precision}: {entries[precision]['skipped']}")
                 continue
             try:
                 export_dir = self.export(case, precision)

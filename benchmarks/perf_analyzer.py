@@ -102,6 +102,7 @@ def run_perf_analyzer(
     texts: list[str] | None = None,
     timeout: float = 600.0,
     request_count: int | None = None,
+    max_trials: int = 3,
 ) -> list[PerfRow]:
     """Profile ``model`` at ``url`` over a concurrency range; returns one row per level.
 
@@ -118,7 +119,7 @@ def run_perf_analyzer(
     cmd = [str(find_perf_analyzer()), "-m", model, "-u", url, "-i", protocol, "-b", str(batch_size),
            "--input-data", str(data), "--concurrency-range", concurrency,
            "--measurement-interval", str(measurement_ms), "--stability-percentage", "999",
-           "--max-trials", "3", "--percentile", "95", "-f", str(csv_path)]
+           "--max-trials", str(max_trials), "--percentile", "95", "-f", str(csv_path)]
     if request_count is not None:
         cmd += ["--measurement-mode", "count_windows", "--measurement-request-count", str(request_count)]
     log.info("running %s", " ".join(cmd))
