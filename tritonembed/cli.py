@@ -86,14 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_export(sub)
     _add_tools(sub)
-    for extra in ("tritonembed.launcher_cli", "tritonembed.benchmarks.cli"):
-        try:
-            module = __import__(extra, fromlist=["register"])
-        except ImportError as exc:
-            if exc.name != extra:
-                raise
-            continue
-        module.register(sub)
+    # Imported here: both modules import this one (env_default, DEFAULT_MODEL).
+    from tritonembed import launcher_cli
+    from tritonembed.benchmarks import cli as bench_cli
+
+    launcher_cli.register(sub)
+    bench_cli.register(sub)
     return parser
 
 
