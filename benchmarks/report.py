@@ -114,6 +114,27 @@ def goals_table(model: dict[str, Any]) -> str:
                   for g in model["summary"]["goals"]])
 
 
+def paired_section(model: dict[str, Any]) -> list[str]:
+    """Rounds of ours vs bare ORT alternated while the server is up (robust to load from elsewhere)."""
+    paired = model["ours"].get("paired")
+    if not paired:
+        return []
+    rows = [[i + 1, r["ours_short_p50_ms"], r["bare_ort_short_p50_ms"],
+             round(r["ours_short_p50_ms"] - r["bare_ort_short_p50_ms"], 2), r["ours_corpus_texts_per_s"],
+             r["bare_ort_corpus_texts_per_s"], fmt(r["ours_corpus_texts_per_s"] / r["bare_ort_corpus_texts_per_s"], 2),
+             r["load_1min"]] for i, r in enumerate(paired["rounds"])]
+    return [
+        "#### Paired rounds (ours and bare ORT alternated, server up)", "",
+        f"Each round: {paired['short_texts']} short texts one at a time through the sync gRPC `EmbeddingClient`, the "
+        f"same through bare ORT; then a corpus of {paired['corpus_texts']} mixed texts ({paired['corpus_tokens']} tokens) "
+        "embedded in bulk by `EmbeddingClient.embed(corpus)` and by bare ORT over the corpus sorted by length in "
+        "batches of 32. Alternating cancels slow swings of load from other work on the machine.", "",
+        table(["round", "ours p50 ms", "bare ORT p50 ms", "overhead ms", "ours texts/s (bulk)", "bare ORT texts/s (bulk)",
+               "ratio", "load (1 min)"], rows), "",
+        f"Medians: overhead **{paired['p50_overhead_ms']} ms**, bulk throughput ratio **{paired['throughput_ratio']}**.", "",
+    ]
+
+
 def perf_table(rows: Sequence[dict[str, Any]]) -> str:
     return table(
         ["workload", "batch", "conc.", "texts/s", "tokens/s", "p50", "p95", "p99", "padding waste",
@@ -168,6 +189,7 @@ def model_section(key: str, model: dict[str, Any], img_prefix: str, plots: dict[
         "",
         "#### Side by side", "", headline_table(model), "", ratios_table(model), "",
         "#### Goals", "", goals_table(model), "",
+        *paired_section(model),
         "#### Triton ensemble over gRPC (perf_analyzer)", "",
         "Padding waste = 1 − real / padded tokens run by ONNX Runtime (our encoder counters); avg encoder batch = "
         "inference_count / execution_count of the encoder (statistics API); queue and compute µs per request from the "

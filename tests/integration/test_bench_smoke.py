@@ -57,6 +57,9 @@ def test_bench_smoke_writes_well_formed_json(tmp_path):
         assert row["encoder"]["requests"] > 0 and row["tokenizer"]["queue_us"] is not None
     mixed_b32 = perf[2]
     assert mixed_b32["avg_encoder_batch"] >= 1
+    paired = ours["paired"]
+    assert len(paired["rounds"]) >= 1 and _positive(paired["throughput_ratio"])
+    assert _positive(paired["ours_short_p50_ms"]) and _positive(paired["bare_ort_short_p50_ms"])
     for section in ("async_client", "gateway"):
         rows = ours[section]
         assert [(r["workload"], r["batch_size"]) for r in rows] == [("short", 1), ("mixed", 1), ("mixed", 32)]
