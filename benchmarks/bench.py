@@ -99,7 +99,7 @@ def quick_config(**overrides: Any) -> BenchConfig:
     base = BenchConfig(
         models=("minilm", "qwen3-small"), texts=256, short_texts=64, perf_measurement_ms=1500, perf_requests_b32=6,
         duration_s=4.0, concurrency_b1=(1, 4, 8), concurrency_b32=(1, 2), peer_engines=("torch",),
-        variant_models=("minilm",), mode="quick")
+        variants=("queue_delay_us=0", "max_tokens_per_batch=2048"), variant_models=("minilm",), mode="quick")
     return replace(base, **overrides)
 
 
