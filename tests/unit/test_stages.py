@@ -70,6 +70,17 @@ def test_plan_microbatches_covers_every_row_once_within_budget():
     assert padded / sum(lengths) < 1.1
 
 
+def test_plan_microbatches_never_pads_a_row_beyond_min_fill():
+    # the mixed-workload shape: a few long passages among many short sentences
+    lengths = [256] * 8 + [12, 15, 9, 20, 31, 7, 18, 22] * 3
+    batches = plan_microbatches(lengths, max_tokens=16384, max_rows=256, min_fill=0.7)
+    for b in batches:
+        longest = max(lengths[i] for i in b)
+        assert all(lengths[i] >= 0.7 * longest for i in b), [lengths[i] for i in b]
+    padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
+    assert 1 - sum(lengths) / padded < 0.15  # a token budget alone would pad every row to 256: 65 % waste
+
+
 def test_encode_requests_returns_rows_in_request_order():
     def run(ids, mask):  # an "encoder" whose output encodes the first real token of each row
         first = np.array([row[m.astype(bool)][0] for row, m in zip(ids, mask)], dtype=np.float32)
