@@ -10,7 +10,7 @@ Per model it measures, in this order (one server at a time, so they never compet
    ``AsyncEmbeddingClient`` and the OpenAI gateway (a separate process) under the same closed loop,
    with padding waste (our encoder counters) and batch sizes / queue times (Triton's statistics API)
    taken as deltas around every phase, and the server's peak RSS;
-4. variants of the serving options (e.g. ``queue_delay_us=0``), same phases, for the recommendations;
+4. variants of the serving options (e.g. ``encoder_queue_delay_us=0``), same phases, for the recommendations;
 5. the other precisions: server and bare ORT throughput and peak RSS;
 6. the peer (Infinity) under the same closed loop as our gateway.
 
@@ -81,8 +81,9 @@ class BenchConfig:
     peer: bool = True
     peer_engines: tuple[str, ...] = ("torch", "optimum")
     # Serving-option variants measured beside the defaults ("field=value", "+" joins several).
-    variants: tuple[str, ...] = ("queue_delay_us=0", "max_tokens_per_batch=2048",
-                                 "queue_delay_us=0+max_tokens_per_batch=2048")
+    # The old defaults (2 ms queue delays, 16k-token budget) are kept as variants for comparison.
+    variants: tuple[str, ...] = ("encoder_queue_delay_us=0", "max_tokens_per_batch=2048",
+                                 "tokenizer_queue_delay_us=2000+encoder_queue_delay_us=2000+max_tokens_per_batch=16384")
     variant_models: tuple[str, ...] = ("minilm", "qwen3-small", "qwen3-0.6b")
     # Rounds of the paired comparison (ours and bare ORT alternated while the server is up; 0: off).
     paired_rounds: int = 6
@@ -99,7 +100,8 @@ def quick_config(**overrides: Any) -> BenchConfig:
     base = BenchConfig(
         models=("minilm", "qwen3-small"), texts=256, short_texts=64, perf_measurement_ms=1500, perf_requests_b32=6,
         duration_s=4.0, concurrency_b1=(1, 4, 8), concurrency_b32=(1, 2), peer_engines=("torch",),
-        variants=("queue_delay_us=0", "max_tokens_per_batch=2048"), variant_models=("minilm",), mode="quick")
+        variants=("encoder_queue_delay_us=0", "tokenizer_queue_delay_us=2000+encoder_queue_delay_us=2000"),
+        variant_models=("minilm",), mode="quick")
     return replace(base, **overrides)
 
 
@@ -163,7 +165,7 @@ def build_workloads(export_dir: Path, texts: int, short: int) -> dict[str, Workl
 
 
 def parse_variant(text: str) -> dict[str, Any]:
-    """``"queue_delay_us=0+max_tokens_per_batch=2048"`` -> ServingOptions overrides (ints, or true/false).
+    """``"encoder_queue_delay_us=0+max_tokens_per_batch=2048"`` -> ServingOptions overrides (ints, or true/false).
 
     Raises:
         ValueError: not ``field=value`` pairs, or a field ServingOptions does not have.
@@ -290,7 +292,9 @@ class Bench:
         from tritonembed.model_repository.configs import ServingOptions
 
         options = ServingOptions(profile="cpu", intra_op_threads=cfg.threads)
-        out["serving_options"] = {"queue_delay_us": options.queue_delay_us, "intra_op_threads": options.intra_op_threads,
+        out["serving_options"] = {"tokenizer_queue_delay_us": options.tokenizer_queue_delay_us,
+                                  "encoder_queue_delay_us": options.encoder_queue_delay_us,
+                                  "intra_op_threads": options.intra_op_threads,
                                   "encoder_instances": options.encoder_instances,
                                   "max_tokens_per_batch": options.max_tokens_per_batch}
         out["ours"] = self.serve_and_measure(export_dir, spec, options, workloads, mdir / "triton-fp32", full=True)

@@ -58,7 +58,7 @@ def register(sub) -> None:
                    help="batch-32 concurrency levels, e.g. 1,2")
     b.add_argument("--variants", type=_names, default=env_default("bench_variants", None, _names),
                    help="serving-option variants measured beside the defaults, comma-separated, each FIELD=VALUE "
-                        "joined by '+', e.g. queue_delay_us=0,max_tokens_per_batch=2048 ('' for none)")
+                        "joined by '+', e.g. encoder_queue_delay_us=0,max_tokens_per_batch=2048 ('' for none)")
     b.add_argument("--no-torch", action="store_true", help="skip the PyTorch baseline")
     b.add_argument("--no-peer", action="store_true", help="skip the peer server (Infinity)")
     b.add_argument("--no-gateway", action="store_true", help="skip the OpenAI gateway")

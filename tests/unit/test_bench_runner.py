@@ -58,11 +58,11 @@ def test_closed_loop_propagates_failures():
 
 
 def test_parse_variant():
-    assert parse_variant("queue_delay_us=0") == {"queue_delay_us": 0}
-    assert parse_variant("queue_delay_us=0+max_tokens_per_batch=2048") == {"queue_delay_us": 0,
+    assert parse_variant("encoder_queue_delay_us=0") == {"encoder_queue_delay_us": 0}
+    assert parse_variant("encoder_queue_delay_us=0+max_tokens_per_batch=2048") == {"encoder_queue_delay_us": 0,
                                                                            "max_tokens_per_batch": 2048}
     assert parse_variant("pad_to_buckets=false") == {"pad_to_buckets": False}
-    for bad in ("queue_delay_us", "nope=1", "queue_delay_us=x"):
+    for bad in ("encoder_queue_delay_us", "nope=1", "encoder_queue_delay_us=x"):
         with pytest.raises(ValueError):
             parse_variant(bad)
 
@@ -81,9 +81,9 @@ def _cli(*argv):
 
 
 def test_cli_flags_override_the_preset():
-    cfg = bench_config(_cli("--smoke", "--concurrency", "1,3", "--no-gateway", "--variants", "queue_delay_us=0"))
+    cfg = bench_config(_cli("--smoke", "--concurrency", "1,3", "--no-gateway", "--variants", "encoder_queue_delay_us=0"))
     assert cfg.mode == "smoke" and cfg.concurrency_b1 == (1, 3) and cfg.gateway is False
-    assert cfg.variants == ("queue_delay_us=0",)
+    assert cfg.variants == ("encoder_queue_delay_us=0",)
     cfg = bench_config(_cli("--quick", "--no-peer", "--models", "minilm"))
     assert cfg.mode == "quick" and cfg.peer is False and cfg.models == ("minilm",)
     with pytest.raises(SystemExit):
