@@ -32,7 +32,7 @@ $VENV/bin/python -m pip install -q --upgrade pip
 log "installing tritonembed and its dependencies (pinned by constraints.txt)"
 # torch==2.13.0 is the CPU build; never let the resolver pick a CUDA build.
 $VENV/bin/python -m pip install -q -c constraints.txt torch==2.13.0
-$VENV/bin/python -m pip install -q -c constraints.txt -e ".[export,serve,client,gateway,test]"
+$VENV/bin/python -m pip install -q -c constraints.txt -e ".[export,serve,client,gateway,test,bench]"
 
 # perf_analyzer: the tritonclient 2.50.0 wheel ships a binary that runs on glibc 2.34+ (newer ones need
 # 2.38). Only the binary is unpacked, beside (not instead of) the tritonclient library we use.
