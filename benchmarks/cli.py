@@ -31,6 +31,9 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, default=1, help="texts per request")
     p.add_argument("--measurement-ms", type=int, default=5000)
     p.add_argument("--texts", type=int, default=256, help="distinct workload texts")
+    p.add_argument("--requests", type=int, default=None,
+                   help="measure windows of this many requests instead of --measurement-ms (robust on a busy machine)")
+    p.add_argument("--max-trials", type=int, default=5, help="windows perf_analyzer may take to stabilize")
     p.add_argument("--workdir", type=Path, default=None, help="keep input data, CSV and log here")
     p.set_defaults(func=cmd_perf)
 
@@ -79,7 +82,7 @@ def cmd_perf(args: argparse.Namespace) -> int:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="tritonembed-perf-"))
     rows = run_perf_analyzer(args.model, args.url, workdir, concurrency=args.concurrency, batch_size=args.batch_size,
                              protocol=args.protocol, measurement_ms=args.measurement_ms,
-                             texts=workload_texts(args.texts))
+                             texts=workload_texts(args.texts), request_count=args.requests, max_trials=args.max_trials)
     print(f"{'concurrency':>11} {'texts/s':>9} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8}")
     for r in rows:
         print(f"{r.concurrency:>11} {r.texts_per_s:>9.1f} {r.p50_ms:>8.1f} {r.p95_ms:>8.1f} {r.p99_ms:>8.1f}")

@@ -14,7 +14,8 @@ def test_perf_command_profiles_the_ensemble(triton, tmp_path):
     spec = triton.specs["minilm"]
     proc = subprocess.run(
         [sys.executable, "-m", "tritonembed.cli", "perf", spec.name, "--url", triton.grpc_url, "--concurrency", "1:2:1",
-         "--measurement-ms", "1000", "--texts", "32", "--workdir", str(tmp_path)],
+         "--measurement-ms", "1000", "--texts", "32",
+         "--requests", "16", "--max-trials", "10", "--workdir", str(tmp_path)],
         capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     lines = [line.split() for line in proc.stdout.splitlines() if line.strip()[:1].isdigit()]
