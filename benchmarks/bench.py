@@ -109,7 +109,7 @@ def smoke_config(**overrides: Any) -> BenchConfig:
     """Seconds, not minutes: MiniLM fp32, one concurrency level, no PyTorch, no peer, no variants."""
     base = BenchConfig(
         models=("minilm",), precisions=("fp32",), texts=32, short_texts=16, perf_measurement_ms=500,
-        perf_requests_b1=4, perf_requests_b32=2, duration_s=0.5, concurrency_b1=(2,), concurrency_b32=(1,),
+        perf_requests_b1=16, perf_requests_b32=2, duration_s=0.5, concurrency_b1=(2,), concurrency_b32=(1,),
         torch_baseline=False, peer=False, variants=(), min_requests=1, paired_rounds=1, mode="smoke")
     return replace(base, **overrides)
 
