@@ -26,31 +26,16 @@ from pathlib import Path
 log = logging.getLogger("tritonembed.benchmarks.planner_study")
 
 
-def plan_length_ratio(lengths: Sequence[int], max_tokens: int, max_rows: int, ratio: float) -> list[list[int]]:
-    """Like the served planner, plus: a row shorter than ``ratio`` x the current longest starts a new batch."""
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    batches: list[list[int]] = []
-    current: list[int] = []
-    for i in order:
-        longest = lengths[current[0]] if current else lengths[i]
-        if current and ((len(current) + 1) * longest > max_tokens or len(current) >= max_rows
-                        or lengths[i] < ratio * longest):
-            batches.append(current)
-            current = []
-        current.append(i)
-    if current:
-        batches.append(current)
-    return batches
-
-
 def planners(max_rows: int) -> dict[str, Callable[[Sequence[int]], list[list[int]]]]:
     from tritonembed.model_repository.stages import plan_microbatches
 
+    # min_fill=0 is the planner before the length-ratio rule (token budget only).
     return {
-        "current (16384 tokens)": lambda ls: plan_microbatches(ls, 16384, max_rows),
-        "budget 2048 tokens": lambda ls: plan_microbatches(ls, 2048, max_rows),
-        "length ratio 0.5": lambda ls: plan_length_ratio(ls, 16384, max_rows, 0.5),
-        "length ratio 0.7": lambda ls: plan_length_ratio(ls, 16384, max_rows, 0.7),
+        "budget only (16384 tokens)": lambda ls: plan_microbatches(ls, 16384, max_rows, min_fill=0.0),
+        "budget only (2048 tokens)": lambda ls: plan_microbatches(ls, 2048, max_rows, min_fill=0.0),
+        "length ratio 0.5": lambda ls: plan_microbatches(ls, 16384, max_rows, min_fill=0.5),
+        "length ratio 0.7": lambda ls: plan_microbatches(ls, 16384, max_rows, min_fill=0.7),
+        "served default (0.7, 4096 tokens)": lambda ls: plan_microbatches(ls, 4096, max_rows),
     }
 
 
