@@ -116,6 +116,7 @@ def save_onnx(model, output: Path) -> list[Path]:
         return [output]
     onnx.save(model, str(output), save_as_external_data=True, all_tensors_to_one_file=True,
               location=data_file.name, size_threshold=1024)
+    data_file.chmod(0o644)  # onnx creates it 0600; Triton in a container may run as another user
     return [output, data_file]
 
 
