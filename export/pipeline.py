@@ -191,7 +191,9 @@ def _export_into(staging: Path, resolved: ResolvedModel, family: ModelFamily, sp
         report.stsb = {"skipped": "random weights: STS-B measures quality, which random weights do not have"}
     fp32_scores = stsb_scores(fp32.embed, "fp32") if (run_stsb and real_weights) else {}
     final_dir = staging
+    fp32_out = fp32.embed(PROBE_TEXTS)
     if spec.precision == "fp32":
+        final_out = fp32_out  # the session keeps the model; the file only moves
         for f in onnx_files(fp32_path):
             f.rename(final_dir / f.name)
         if fp32_scores:
@@ -202,7 +204,8 @@ def _export_into(staging: Path, resolved: ResolvedModel, family: ModelFamily, sp
         result = quantize_onnx(fp32_path, final_dir / spec.onnx_file, spec.precision)
         report.quantization = {"method": result.method, "settings": result.settings}
         quantized = OnnxEncoder(final_dir / spec.onnx_file, tokenizer)
-        cmp = compare(quantized.embed(PROBE_TEXTS), fp32.embed(PROBE_TEXTS))
+        final_out = quantized.embed(PROBE_TEXTS)
+        cmp = compare(final_out, fp32_out)
         floor = QUANTIZED_MIN_COSINE[spec.precision]
         report.validation[f"{spec.precision}_vs_fp32"] = {**cmp.to_dict(), "min_cosine_floor": floor}
         if not cmp.finite:
@@ -222,13 +225,12 @@ def _export_into(staging: Path, resolved: ResolvedModel, family: ModelFamily, sp
                 if not row["target_met"]:
                     log.warning("STS-B %s: %s drops %.2f points (target <= %.1f)", lang, spec.precision, row["drop"], target)
     shutil.rmtree(fp32_dir, ignore_errors=True)
-    _check_outputs_finite(final_dir / spec.onnx_file, tokenizer, report)
+    _check_outputs_finite(final_out, report)
     return report
 
 
-def _check_outputs_finite(model_path: Path, tokenizer: SpecTokenizer, report: ExportReport) -> None:
-    encoder = OnnxEncoder(model_path, tokenizer)
-    out = encoder.embed(PROBE_TEXTS)
+def _check_outputs_finite(out: np.ndarray, report: ExportReport) -> None:
+    """The final model's probe-set embeddings must be finite and unit norm (catches fp16 zero vectors)."""
     norms = np.linalg.norm(out, axis=1)
     if not np.isfinite(out).all():
         report.failures.append("final model: NaN/Inf on the probe set")
