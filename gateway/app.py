@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from tritonembed.client import AsyncEmbeddingClient, EmbeddingError, ModelInfo, RetryPolicy
+from tritonembed.gateway.admission import InputAdmission
 from tritonembed.gateway.errors import ErrorKind, GatewayError, describe, error_response
 from tritonembed.gateway.metrics import CONTENT_TYPE, Metrics
 from tritonembed.gateway.schemas import (
@@ -283,6 +284,8 @@ def create_app(settings: GatewaySettings | None = None, *, client: Any = None) -
     """
     settings = settings or GatewaySettings.from_env()
     metrics = Metrics()
+    admission = InputAdmission(settings.max_pending_inputs)
+    metrics.inputs_in_flight = lambda: admission.in_flight
     decoder = TokenDecoder(settings.model_dirs)
     if not settings.auth_enabled:
         logger.warning("no API keys configured: the gateway accepts unauthenticated requests")
@@ -319,6 +322,7 @@ def create_app(settings: GatewaySettings | None = None, *, client: Any = None) -
         openapi_url=None,
     )
     app.state.settings = settings
+    app.state.admission = admission
     app.state.metrics = metrics
 
     def fail(exc: BaseException) -> JSONResponse:
@@ -391,14 +395,15 @@ def create_app(settings: GatewaySettings | None = None, *, client: Any = None) -
         empty = next((i for i, t in enumerate(texts) if not t), None)
         if empty is not None:
             raise GatewayError(ErrorKind.INVALID_REQUEST, f"input[{empty}] is empty", "input")
-        result = await request.app.state.client.embed_with_usage(
-            texts,
-            model=info.name,
-            dimensions=req.dimensions,
-            input_type=req.input_type,
-            instruction=req.instruction,
-            truncate=req.truncate,
-        )
+        with admission.admit(len(texts)):
+            result = await request.app.state.client.embed_with_usage(
+                texts,
+                model=info.name,
+                dimensions=req.dimensions,
+                input_type=req.input_type,
+                instruction=req.instruction,
+                truncate=req.truncate,
+            )
         metrics.usage(info.name, len(texts), result.total_tokens)
 
         def render() -> Response:  # serializing thousands of vectors takes a while: off the event loop

@@ -24,6 +24,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--api-key-file", type=Path, help="file with one API key per line (env TRITONEMBED_API_KEY_FILE)")
     parser.add_argument("--max-request-bytes", type=int, help="largest request body (env TRITONEMBED_MAX_REQUEST_BYTES)")
     parser.add_argument("--max-inputs", type=int, help="most inputs per request (env TRITONEMBED_MAX_INPUTS)")
+    parser.add_argument("--max-pending-inputs", type=int,
+                        help="inputs in flight before requests get 429 overloaded (env TRITONEMBED_MAX_PENDING_INPUTS)")
     parser.add_argument("--timeout", type=float, dest="request_timeout", help="seconds per Triton request")
     parser.add_argument(
         "--model-dir", type=Path, action="append", dest="model_dirs", help="exported model dir; enables token-id input (repeatable)"
@@ -50,6 +52,7 @@ def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
         api_keys=keys,
         max_request_bytes=args.max_request_bytes,
         max_inputs=args.max_inputs,
+        max_pending_inputs=getattr(args, "max_pending_inputs", None),
         request_timeout=args.request_timeout,
         model_dirs=tuple(args.model_dirs) if args.model_dirs else None,
         log_level=args.log_level,

@@ -4,6 +4,7 @@
 - ``tritonembed_gateway_errors_total{code}``: counter, by the error envelope's ``code``
 - ``tritonembed_gateway_request_duration_seconds{route}``: histogram
 - ``tritonembed_gateway_requests_in_flight``: gauge
+- ``tritonembed_gateway_inputs_in_flight``: gauge of admitted inputs (see :mod:`.admission`)
 - ``tritonembed_gateway_tokens_total{model}``: counter of usage.prompt_tokens
 - ``tritonembed_gateway_inputs_total{model}``: counter of embedded inputs
 """
@@ -45,6 +46,7 @@ class Metrics:
         self._histograms: dict[str, list[int]] = {}
         self._sums: dict[str, float] = defaultdict(float)
         self._in_flight = 0
+        self.inputs_in_flight = lambda: 0  # the app points this at its admission limiter
 
     def started(self) -> None:
         with self._lock:
@@ -96,6 +98,8 @@ class Metrics:
                 lines.append(f"{name}_count{_labels(route=route)} {cumulative}")
             name = family("requests_in_flight", "gauge", "Requests being handled now.")
             lines.append(f"{name} {self._in_flight}")
+            name = family("inputs_in_flight", "gauge", "Inputs admitted and not yet answered.")
+            lines.append(f"{name} {self.inputs_in_flight()}")
             name = family("tokens_total", "counter", "Tokens embedded (usage.prompt_tokens), by model.")
             for model, count in sorted(self._tokens.items()):
                 lines.append(f"{name}{_labels(model=model)} {count}")

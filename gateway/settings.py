@@ -11,6 +11,7 @@ variable                           meaning                                      
 ``TRITONEMBED_API_KEY_FILE``       file with one key per line (``#`` comments)     (none)
 ``TRITONEMBED_MAX_REQUEST_BYTES``  largest request body accepted                   16 MiB
 ``TRITONEMBED_MAX_INPUTS``         most inputs in one request                      2048
+``TRITONEMBED_MAX_PENDING_INPUTS`` inputs in flight before 429 ``overloaded``      8192
 ``TRITONEMBED_REQUEST_TIMEOUT``    seconds per Triton request                      60
 ``TRITONEMBED_GATEWAY_CONCURRENCY`` Triton requests in flight per API request      8
 ``TRITONEMBED_MODEL_DIRS``         exported model dirs (``os.pathsep``-separated),
@@ -45,6 +46,7 @@ class GatewaySettings:
     api_keys: tuple[str, ...] = field(default=(), repr=False)
     max_request_bytes: int = 16 * 1024 * 1024
     max_inputs: int = 2048
+    max_pending_inputs: int = 8192
     request_timeout: float = 60.0
     max_concurrency: int = 8
     model_dirs: tuple[Path, ...] = ()
@@ -54,9 +56,12 @@ class GatewaySettings:
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise SettingsError(f"port must be within 0..65535, got {self.port}")
-        for name in ("max_request_bytes", "max_inputs", "max_concurrency"):
+        for name in ("max_request_bytes", "max_inputs", "max_pending_inputs", "max_concurrency"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_pending_inputs < self.max_inputs:
+            raise SettingsError(f"max_pending_inputs ({self.max_pending_inputs}) must be >= max_inputs "
+                                f"({self.max_inputs}), or a largest request could never be admitted")
         if self.request_timeout <= 0 or self.models_ttl < 0:
             raise SettingsError("request_timeout must be > 0 and models_ttl >= 0")
         if any(not key for key in self.api_keys):
@@ -105,6 +110,7 @@ class GatewaySettings:
             "api_keys": tuple(dict.fromkeys(keys)) or None,
             "max_request_bytes": number("MAX_REQUEST_BYTES", int),
             "max_inputs": number("MAX_INPUTS", int),
+            "max_pending_inputs": number("MAX_PENDING_INPUTS", int),
             "request_timeout": number("REQUEST_TIMEOUT", float),
             "max_concurrency": number("GATEWAY_CONCURRENCY", int),
             "model_dirs": tuple(Path(p) for p in dirs.split(os.pathsep) if p) if dirs else None,

@@ -53,8 +53,9 @@ def _serving_options(args: argparse.Namespace):
 
     if args.profile == "gpu":
         return ServingOptions(profile="gpu", max_texts_per_request=64, tokenizer_max_batch=256, encoder_max_batch=64,
-                              encoder_instances=args.instances, tensorrt=args.tensorrt)
-    return ServingOptions(profile="cpu", encoder_instances=args.instances,
+                              encoder_instances=args.instances, tensorrt=args.tensorrt,
+                              max_queue_size=args.max_queue_size)
+    return ServingOptions(profile="cpu", encoder_instances=args.instances, max_queue_size=args.max_queue_size,
                           intra_op_threads=args.threads or max(1, (os.cpu_count() or 1) // args.instances))
 
 
@@ -69,6 +70,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=env_default("threads", 0, int), help="ONNX Runtime threads per CPU instance")
     p.add_argument("--tensorrt", action="store_true", default=env_default("tensorrt", False, bool),
                    help="GPU profile: use the TensorRT execution accelerator")
+    p.add_argument("--max-queue-size", type=int, default=env_default("max_queue_size", 0, int),
+                   help="bound each Triton model's queue; overflow gets UNAVAILABLE (default 0: unbounded, "
+                        "because Triton 2.51's batcher stalls up to 500 ms with a queue policy; see docs/serving.md)")
 
 
 def register(sub) -> None:

@@ -280,3 +280,34 @@ def test_triton_unreachable_is_503():
         assert res.status_code == 503 and res.json()["error"]["code"] == "backend_unavailable"
         assert res.headers["retry-after"]
         json.dumps(res.json())
+
+
+def test_overload_is_refused_by_the_gateway_and_the_rest_answered(triton, full):
+    """Triton's queue is unbounded by default; the gateway's admission limit refuses the excess with 429."""
+    spec = triton.specs["minilm"]
+    settings = GatewaySettings(triton_url=triton.grpc_url, port=0, max_inputs=16, max_pending_inputs=16,
+                               log_level="error")
+    texts = [f"overload {i}: " + "a fairly long sentence about nothing in particular " * 4 for i in range(16)]
+    with BackgroundGateway(settings) as gw:
+        client = openai.Client(base_url=f"{gw.url}/v1", api_key="unused", max_retries=0)
+
+        def call(_):
+            try:
+                return client.embeddings.create(model=spec.name, input=texts, encoding_format="float")
+            except openai.RateLimitError as exc:
+                return exc
+
+        with ThreadPoolExecutor(12) as pool:
+            results = list(pool.map(call, range(24)))
+        refused = [r for r in results if isinstance(r, openai.RateLimitError)]
+        answered = [r for r in results if not isinstance(r, openai.RateLimitError)]
+        assert refused, "24 concurrent requests of 16 inputs against a limit of 16 must be refused in part"
+        assert answered, "the requests that got in must be answered"
+        for exc in refused:
+            assert exc.code == "overloaded" and "limit 16" in exc.message
+            assert exc.response.headers["retry-after"]
+        expected = full("minilm", texts)
+        for got in answered:
+            np.testing.assert_allclose(np.array([d.embedding for d in got.data]), expected, atol=TOL)
+        # nothing is left held: a full-size request is admitted again
+        assert len(client.embeddings.create(model=spec.name, input=texts).data) == 16

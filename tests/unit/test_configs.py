@@ -57,10 +57,22 @@ def test_configs_agree_with_the_spec(spec, profile):
     assert set(step_tok.input_map) == {t.name for t in ensemble_inputs()}
     # the published spec round-trips
     assert ModelSpec.from_json(ens.parameters[SPEC_PARAMETER_KEY].string_value) == spec
-    # overload is refused fast, not queued forever
+    # no queue policy by default: Triton 2.51's batcher stalls idle models for 500 ms when one is set
     for cfg in (tok, enc):
+        assert not cfg.dynamic_batching.HasField("default_queue_policy")
+
+
+@pytest.mark.parametrize("profile", ["cpu", "gpu"])
+def test_a_bounded_queue_rejects_overload(spec, profile):
+    options = ServingOptions(profile=profile, encoder_max_batch=64, max_queue_size=32)
+    for cfg in (parse(tokenizer_config(spec, options)), parse(encoder_config(spec, options))):
         policy = cfg.dynamic_batching.default_queue_policy
-        assert policy.max_queue_size > 0 and policy.timeout_action == model_config_pb2.ModelQueuePolicy.REJECT
+        assert policy.max_queue_size == 32 and policy.timeout_action == model_config_pb2.ModelQueuePolicy.REJECT
+
+
+def test_negative_queue_size_is_refused():
+    with pytest.raises(ValueError, match="max_queue_size"):
+        ServingOptions(max_queue_size=-1)
 
 
 def test_cpu_encoder_is_a_ragged_python_model(spec):

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -13,6 +16,7 @@ from tritonembed.client import ConnectionFailed, InvalidArgument, ModelNotFound,
 from tritonembed.client.core import parse_model_config, plan_embed
 from tritonembed.gateway import GatewaySettings, create_app
 from tritonembed.gateway.errors import ErrorKind
+from tritonembed.gateway.settings import SettingsError
 from tritonembed.spec import ModelSpec
 
 try:
@@ -312,3 +316,47 @@ def test_background_gateway_wait_ready_sends_the_key(stub):
         stub.ready = False
         with pytest.raises(RuntimeError, match="503"):
             gw.wait_ready(timeout=0.5)
+
+
+def test_admission_refuses_inputs_over_the_in_flight_limit(stub):
+    gate, entered = threading.Event(), threading.Semaphore(0)
+    answer = stub.embed_with_usage
+
+    async def held(texts, **kwargs):  # stays in flight until the test opens the gate
+        entered.release()
+        while not gate.is_set():
+            await asyncio.sleep(0.005)
+        return await answer(texts, **kwargs)
+
+    stub.embed_with_usage = held
+    body = lambda texts: {"model": QWEN.name, "input": texts}  # noqa: E731
+    with make_client(stub, max_inputs=4, max_pending_inputs=5) as tc, ThreadPoolExecutor(2) as pool:
+        first = pool.submit(tc.post, "/v1/embeddings", json=body(["a", "b", "c", "d"]), headers=AUTH)
+        assert entered.acquire(timeout=10)
+        refused = tc.post("/v1/embeddings", json=body(["e", "f"]), headers=AUTH)  # 4 + 2 > 5
+        err = assert_envelope(refused, 429, "overloaded")
+        assert "4 inputs in flight" in err["message"] and "limit 5" in err["message"]
+        assert refused.headers["retry-after"]
+        admitted = pool.submit(tc.post, "/v1/embeddings", json=body(["g"]), headers=AUTH)  # 4 + 1 fits
+        assert entered.acquire(timeout=10)
+        assert "tritonembed_gateway_inputs_in_flight 5" in tc.get("/metrics", headers=AUTH).text
+        gate.set()
+        assert first.result(timeout=10).status_code == 200
+        assert len(admitted.result(timeout=10).json()["data"]) == 1
+        # everything released: the refused request now goes through
+        assert tc.post("/v1/embeddings", json=body(["e", "f"]), headers=AUTH).status_code == 200
+        assert "tritonembed_gateway_inputs_in_flight 0" in tc.get("/metrics", headers=AUTH).text
+
+
+def test_admission_releases_on_errors(stub):
+    with make_client(stub, max_inputs=4, max_pending_inputs=4) as tc:
+        stub.error = Timeout("deadline")
+        for _ in range(3):
+            assert tc.post("/v1/embeddings", json={"model": QWEN.name, "input": ["a", "b", "c"]}, headers=AUTH).status_code == 504
+        stub.error = None
+        assert tc.post("/v1/embeddings", json={"model": QWEN.name, "input": ["a", "b", "c", "d"]}, headers=AUTH).status_code == 200
+
+
+def test_pending_limit_must_admit_the_largest_request():
+    with pytest.raises(SettingsError, match="max_pending_inputs"):
+        GatewaySettings(max_inputs=16, max_pending_inputs=8)
