@@ -81,8 +81,9 @@ class BenchConfig:
     peer: bool = True
     peer_engines: tuple[str, ...] = ("torch", "optimum")
     # Serving-option variants measured beside the defaults ("field=value", "+" joins several).
-    # The old defaults (2 ms queue delays, 16k-token budget) are kept as variants for comparison.
-    variants: tuple[str, ...] = ("encoder_queue_delay_us=0", "max_tokens_per_batch=2048",
+    # Old defaults are kept as variants for comparison: the bounded queue (a queue policy), 2 ms queue delays
+    # and the 16k-token budget.
+    variants: tuple[str, ...] = ("encoder_queue_delay_us=0", "max_queue_size=512", "max_tokens_per_batch=2048",
                                  "tokenizer_queue_delay_us=2000+encoder_queue_delay_us=2000+max_tokens_per_batch=16384")
     variant_models: tuple[str, ...] = ("minilm", "qwen3-small", "qwen3-0.6b")
     # Rounds of the paired comparison (ours and bare ORT alternated while the server is up; 0: off).
@@ -100,7 +101,7 @@ def quick_config(**overrides: Any) -> BenchConfig:
     base = BenchConfig(
         models=("minilm", "qwen3-small"), texts=256, short_texts=64, perf_measurement_ms=1500, perf_requests_b32=6,
         duration_s=4.0, concurrency_b1=(1, 4, 8), concurrency_b32=(1, 2), peer_engines=("torch",),
-        variants=("encoder_queue_delay_us=0", "tokenizer_queue_delay_us=2000+encoder_queue_delay_us=2000"),
+        variants=("encoder_queue_delay_us=0", "max_queue_size=512"),
         variant_models=("minilm",), mode="quick")
     return replace(base, **overrides)
 
@@ -710,6 +711,7 @@ def summarize(model: dict[str, Any]) -> dict[str, Any]:
     padded = sum(r["encoder_counters"]["encoder_padded_tokens"] for r in mixed)
     waste = st.padding_waste(real, padded)
     overhead = round(ours_p50 - ort_p50, 3) if ours_p50 is not None and ort_p50 is not None else None
+    int8_tps = ((model.get("precisions") or {}).get("int8") or {}).get("server_texts_per_s")
     summary: dict[str, Any] = {
         "ours_grpc_best_texts_per_s": ours_tps,
         "async_client_best_texts_per_s": client_tps,
@@ -725,6 +727,7 @@ def summarize(model: dict[str, Any]) -> dict[str, Any]:
         "ratios": {
             "ours_over_bare_ort": st.ratio(ours_tps, ort_tps),
             "ours_over_torch": st.ratio(ours_tps, torch_tps),
+            "ours_int8_over_torch": st.ratio(int8_tps, torch_tps),
             "ours_over_peer": st.ratio(ours_tps, peer_tps.get(best_peer)) if best_peer else None,
             "gateway_over_peer": st.ratio(gateway_tps, peer_tps.get(best_peer)) if best_peer else None,
             "async_client_over_bare_ort": st.ratio(client_tps, ort_tps),
@@ -749,6 +752,10 @@ def summarize(model: dict[str, Any]) -> dict[str, Any]:
                     "(sync gRPC client)")) if paired else ()),
         st.at_least("throughput vs PyTorch (sentence-transformers/transformers)", 1.5, ratios["ours_over_torch"],
                     f"ours {ours_tps} vs PyTorch {torch_tps} texts/s"),
+        *((st.at_least("throughput vs PyTorch: our int8 (per-token scales) vs PyTorch fp32", 1.5,
+                       ratios["ours_int8_over_torch"],
+                       f"ours int8 {int8_tps} (batch 32) vs PyTorch fp32 {torch_tps} texts/s; int8 STS-B drop "
+                       "in the export report"),) if int8_tps else ()),
         st.at_least("throughput vs the peer server", 1.0, ratios["ours_over_peer"],
                     f"ours {ours_tps} vs {best_peer} {peer_tps.get(best_peer) if best_peer else None} texts/s"),
         st.below("padding waste, mixed workload", 0.15, waste, f"{real:.0f} real of {padded:.0f} padded tokens"),

@@ -100,11 +100,12 @@ def _short_p50(rows: Sequence[dict[str, Any]]) -> float | None:
 
 def ratios_table(model: dict[str, Any]) -> str:
     names = {"ours_over_bare_ort": "ours gRPC / bare ORT", "ours_over_torch": "ours gRPC / PyTorch",
+             "ours_int8_over_torch": "ours gRPC, int8 (batch 32) / PyTorch fp32",
              "ours_over_peer": "ours gRPC / best peer", "gateway_over_peer": "ours gateway / best peer (both HTTP)",
              "async_client_over_bare_ort": "AsyncEmbeddingClient / bare ORT",
              "gateway_over_bare_ort": "gateway / bare ORT"}
     return table(["ratio (same run, best mixed-workload throughput)", "value"],
-                 [[names[k], fmt(v, 2)] for k, v in model["summary"]["ratios"].items()])
+                 [[names.get(k, k), fmt(v, 2)] for k, v in model["summary"]["ratios"].items() if v is not None])
 
 
 def goals_table(model: dict[str, Any]) -> str:

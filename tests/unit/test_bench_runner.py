@@ -201,3 +201,15 @@ def test_write_report_keeps_text_around_the_markers(tmp_path):
 def test_table_and_fmt():
     assert fmt(None) == "—" and fmt(1234.5) == "1,234.5" and fmt(0.25, 2) == "0.25" and fmt(True) == "yes"
     assert table(["a", "b"], [[1, "x"]]).splitlines() == ["| a | b |", "|---|---|", "| 1 | x |"]
+
+
+def test_int8_throughput_is_a_separate_goal_against_pytorch_fp32():
+    model = copy.deepcopy(MODEL)
+    model["precisions"]["int8"] = {"server_texts_per_s": 960.0, "bare_ort_texts_per_s": 1000.0}
+    s = summarize(model)
+    assert s["ratios"]["ours_int8_over_torch"] == 1.6
+    goals = {g["name"]: g for g in s["goals"]}
+    int8 = goals["throughput vs PyTorch: our int8 (per-token scales) vs PyTorch fp32"]
+    assert int8["met"] is True and "960.0" in int8["detail"]
+    # the fp32-vs-fp32 goal is still reported on its own
+    assert goals["throughput vs PyTorch (sentence-transformers/transformers)"]["measured"] == pytest.approx(1.833)

@@ -240,10 +240,44 @@ def test_minilm_int8_structure(minilm_quantized: dict[str, QuantizationResult]) 
     result = minilm_quantized["int8"]
     model = onnx.load(str(result.model_path))
     counts = _op_counts(model)
-    assert counts.get("MatMulInteger") == 35 and counts.get("DynamicQuantizeLinear", 0) >= 1
+    # one per-token QuantizeLinear feeding each integer MatMul
+    assert counts.get("MatMulIntegerToFloat") == 35 and counts.get("QuantizeLinear") == 35
+    assert "DynamicQuantizeLinear" not in counts
     # exactly the first layer's FFN down projection stays a float MatMul with a constant weight
     assert _const_weight_matmuls(model) == ["/m/encoder/layer.0/output/dense/MatMul"]
-    assert result.settings["layers_found"] == 6 and result.settings["per_channel"] is True
+    assert result.settings["layers_found"] == 6 and result.settings["activation_scales"] == "token"
+    assert result.settings["weight_bits"] == 7
+
+
+def _batch_dependence(path: Path, texts: list[str], tokenizer) -> float:
+    """Largest |diff| between each text embedded alone and inside one padded batch with the others."""
+    session = _ort_session(path)
+
+    def run(batch: list[str]) -> np.ndarray:
+        enc = tokenizer(batch, padding=True, truncation=True, max_length=128, return_tensors="np")
+        return session.run(None, {"input_ids": enc["input_ids"].astype(np.int64),
+                                  "attention_mask": enc["attention_mask"].astype(np.int64)})[0]
+
+    together = run(texts)
+    alone = np.concatenate([run([t]) for t in texts])
+    return float(np.abs(together - alone).max())
+
+
+def test_int8_per_token_is_batch_invariant_and_per_tensor_is_not(minilm_fp32: Path, tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(MINILM_TOKENIZER.parent))
+    texts = PROBE[:5] + [f"sentence number {i} about a cat on a mat" for i in range(10)]
+    token = quantize_onnx(minilm_fp32, tmp_path / "token" / "model.onnx", "int8")
+    tensor = quantize_onnx(minilm_fp32, tmp_path / "tensor" / "model.onnx", "int8", int8_activation_scales="tensor")
+    assert _batch_dependence(token.model_path, texts, tokenizer) <= 1e-5
+    # the per-tensor scale is shared by the batch: a text's answer depends on its neighbours
+    assert _batch_dependence(tensor.model_path, texts, tokenizer) > 1e-3
+
+
+def test_unknown_int8_activation_scales_is_refused(minilm_fp32: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="int8_activation_scales"):
+        quantize_onnx(minilm_fp32, tmp_path / "q.onnx", "int8", int8_activation_scales="channel")
 
 
 def test_minilm_int4_structure(minilm_quantized: dict[str, QuantizationResult]) -> None:
@@ -334,7 +368,7 @@ def test_tiny_qwen3_quantizes(qwen3_fp32: Path, tmp_path: Path, precision: str, 
     assert _cosines(out, reference).min() >= floor
     counts = result.node_counts
     if precision == "int8":
-        assert counts.get("MatMulInteger") == 13  # 2 layers x 7, the first down_proj kept float
+        assert counts.get("MatMulIntegerToFloat") == 13  # 2 layers x 7, the first down_proj kept float
     if precision == "int4":
         assert counts.get("MatMulNBits") == 14 and counts.get("GatherBlockQuantized") == 1
         assert result.settings["embedding_tables_4bit"] == ["/m/embed_tokens/Gather"]
