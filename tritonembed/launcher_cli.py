@@ -20,7 +20,9 @@ log = logging.getLogger("tritonembed.serve")
 
 
 def export_cache_dir(model: str, precision: str, max_length: int | None, name: str | None) -> Path:
-    key = json.dumps([model, precision, max_length, name])
+    from tritonembed.export.pipeline import EXPORT_REVISION
+
+    key = json.dumps([model, precision, max_length, name, EXPORT_REVISION])
     slug = "".join(c if c.isalnum() or c in "-._" else "-" for c in model)[-60:]
     return cache_dir() / "exports" / f"{slug}-{precision}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
 
