@@ -83,7 +83,7 @@ class BenchConfig:
     # Serving-option variants measured beside the defaults ("field=value", "+" joins several).
     # Old defaults are kept as variants for comparison: the bounded queue (a queue policy), 2 ms queue delays
     # and the 16k-token budget.
-    variants: tuple[str, ...] = ("encoder_queue_delay_us=0", "max_queue_size=512", "max_tokens_per_batch=2048",
+    variants: tuple[str, ...] = ("encoder_queue_delay_us=200", "max_queue_size=512", "max_tokens_per_batch=2048",
                                  "tokenizer_queue_delay_us=2000+encoder_queue_delay_us=2000+max_tokens_per_batch=16384")
     variant_models: tuple[str, ...] = ("minilm", "qwen3-small", "qwen3-0.6b")
     # Rounds of the paired comparison (ours and bare ORT alternated while the server is up; 0: off).
@@ -101,7 +101,7 @@ def quick_config(**overrides: Any) -> BenchConfig:
     base = BenchConfig(
         models=("minilm", "qwen3-small"), texts=256, short_texts=64, perf_measurement_ms=1500, perf_requests_b32=6,
         duration_s=4.0, concurrency_b1=(1, 4, 8), concurrency_b32=(1, 2), peer_engines=("torch",),
-        variants=("encoder_queue_delay_us=0", "max_queue_size=512"),
+        variants=("encoder_queue_delay_us=200", "max_queue_size=512"),
         variant_models=("minilm",), mode="quick")
     return replace(base, **overrides)
 
@@ -371,7 +371,7 @@ class Bench:
                                                b1=cfg.concurrency_b1 if full else () if b32_only else (max(cfg.concurrency_b1),),
                                                b32=cfg.concurrency_b32 if full else (max(cfg.concurrency_b32),))
                 if full and cfg.paired_rounds:
-                    out["paired"] = self.paired(server, spec, export_dir, workloads)
+                    out["paired"] = self.paired(server, spec, export_dir, workloads, wdir)
                 if full and cfg.client:
                     out["async_client"] = self.client_phases(server, spec, probe, workloads)
                 if full and cfg.gateway:
@@ -380,11 +380,14 @@ class Bench:
                 out["peak_rss_bytes"] = sampler.stop()
         return out
 
-    def paired(self, server: Any, spec: Any, export_dir: Path, workloads: dict[str, Workload]) -> dict[str, Any]:
+    def paired(self, server: Any, spec: Any, export_dir: Path, workloads: dict[str, Workload],
+               wdir: Path | None = None) -> dict[str, Any]:
         """Ours and bare ORT alternated in short rounds, so that load from elsewhere on a shared machine hits
-        both alike: one short text at a time (sync gRPC client vs ORT), and a corpus embedded in bulk
-        (``EmbeddingClient.embed(corpus)`` vs ORT over the corpus sorted by length in batches of 32)."""
+        both alike: one short text at a time (perf_analyzer, C++, and the sync Python gRPC client, vs ORT), and
+        a corpus embedded in bulk (``EmbeddingClient.embed(corpus)`` vs ORT over the corpus sorted by length in
+        batches of 32)."""
         from tritonembed.benchmarks.inprocess import ort_embedder
+        from tritonembed.benchmarks.perf_analyzer import PerfAnalyzerError, run_perf_analyzer
         from tritonembed.client import EmbeddingClient
 
         bare = ort_embedder(export_dir, self.config.threads)
@@ -396,8 +399,14 @@ class Bench:
         rounds = []
         with EmbeddingClient(server.grpc_url, model=spec.name) as client:
             bare(short[:2]), client.embed(short[:2])  # warm-up
-            for _ in range(self.config.paired_rounds):
+            for k in range(self.config.paired_rounds):
                 row: dict[str, Any] = {}
+                try:  # three windows of 64 requests: ~1 s for a short text
+                    [pa] = run_perf_analyzer(spec.name, server.grpc_url, (wdir or self.workdir) / f"paired-pa-{k}",
+                                             concurrency="1:1:1", texts=short, request_count=64, max_trials=3)
+                    row["perf_analyzer_short_p50_ms"] = pa.p50_ms
+                except PerfAnalyzerError as exc:
+                    self.note(f"paired round {k + 1}: perf_analyzer failed: {str(exc).splitlines()[0]}")
                 for label, one in (("ours", lambda t: client.embed([t])), ("bare_ort", lambda t: bare([t]))):
                     lat = []
                     for text in short:
@@ -418,7 +427,14 @@ class Bench:
         def median(key: str) -> float:
             return round(st.percentile([r[key] for r in rounds], 50), 3)
 
+        with_pa = [r for r in rounds if "perf_analyzer_short_p50_ms" in r]
+        pa_summary = {
+            "perf_analyzer_short_p50_ms": round(st.percentile([r["perf_analyzer_short_p50_ms"] for r in with_pa], 50), 3),
+            "perf_analyzer_p50_overhead_ms": round(st.percentile(
+                [r["perf_analyzer_short_p50_ms"] - r["bare_ort_short_p50_ms"] for r in with_pa], 50), 3),
+        } if with_pa else {}
         return {
+            **pa_summary,
             "rounds": rounds, "corpus_texts": len(corpus), "corpus_tokens": corpus_tokens, "short_texts": len(short),
             "p50_overhead_ms": round(st.percentile([r["ours_short_p50_ms"] - r["bare_ort_short_p50_ms"] for r in rounds],
                                                    50), 3),
@@ -749,7 +765,11 @@ def summarize(model: dict[str, Any]) -> dict[str, Any]:
                        f"texts/s, median of {len(paired['rounds'])} rounds"),
            st.below("paired: p50 overhead, one short text (ms, alternated rounds)", 2.0, paired["p50_overhead_ms"],
                     f"ours {paired['ours_short_p50_ms']} ms vs bare ORT {paired['bare_ort_short_p50_ms']} ms "
-                    "(sync gRPC client)")) if paired else ()),
+                    "(sync Python gRPC client)")) if paired else ()),
+        *((st.below("paired: p50 overhead, one short text (ms, perf_analyzer, alternated rounds)", 2.0,
+                    paired["perf_analyzer_p50_overhead_ms"],
+                    f"ours {paired['perf_analyzer_short_p50_ms']} ms vs bare ORT {paired['bare_ort_short_p50_ms']} ms "
+                    "(perf_analyzer, C++ gRPC client)"),) if paired and "perf_analyzer_p50_overhead_ms" in paired else ()),
         st.at_least("throughput vs PyTorch (sentence-transformers/transformers)", 1.5, ratios["ours_over_torch"],
                     f"ours {ours_tps} vs PyTorch {torch_tps} texts/s"),
         *((st.at_least("throughput vs PyTorch: our int8 (per-token scales) vs PyTorch fp32", 1.5,

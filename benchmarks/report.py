@@ -120,19 +120,29 @@ def paired_section(model: dict[str, Any]) -> list[str]:
     paired = model["ours"].get("paired")
     if not paired:
         return []
-    rows = [[i + 1, r["ours_short_p50_ms"], r["bare_ort_short_p50_ms"],
+
+    def minus(a: float | None, b: float) -> float | None:
+        return None if a is None else round(a - b, 2)
+
+    rows = [[i + 1, fmt(r.get("perf_analyzer_short_p50_ms"), 2), r["ours_short_p50_ms"], r["bare_ort_short_p50_ms"],
+             fmt(minus(r.get("perf_analyzer_short_p50_ms"), r["bare_ort_short_p50_ms"]), 2),
              round(r["ours_short_p50_ms"] - r["bare_ort_short_p50_ms"], 2), r["ours_corpus_texts_per_s"],
              r["bare_ort_corpus_texts_per_s"], fmt(r["ours_corpus_texts_per_s"] / r["bare_ort_corpus_texts_per_s"], 2),
              r["load_1min"]] for i, r in enumerate(paired["rounds"])]
+    pa = (f"overhead over perf_analyzer (C++ client) **{paired['perf_analyzer_p50_overhead_ms']} ms**, "
+          if "perf_analyzer_p50_overhead_ms" in paired else "")
     return [
         "#### Paired rounds (ours and bare ORT alternated, server up)", "",
-        f"Each round: {paired['short_texts']} short texts one at a time through the sync gRPC `EmbeddingClient`, the "
-        f"same through bare ORT; then a corpus of {paired['corpus_texts']} mixed texts ({paired['corpus_tokens']} tokens) "
+        f"Each round: {paired['short_texts']} short texts one at a time through perf_analyzer (3 windows of 64 "
+        "requests, concurrency 1) and through the sync Python gRPC `EmbeddingClient`, the same texts one at a time "
+        f"through bare ORT; then a corpus of {paired['corpus_texts']} mixed texts ({paired['corpus_tokens']} tokens) "
         "embedded in bulk by `EmbeddingClient.embed(corpus)` and by bare ORT over the corpus sorted by length in "
         "batches of 32. Alternating cancels slow swings of load from other work on the machine.", "",
-        table(["round", "ours p50 ms", "bare ORT p50 ms", "overhead ms", "ours texts/s (bulk)", "bare ORT texts/s (bulk)",
-               "ratio", "load (1 min)"], rows), "",
-        f"Medians: overhead **{paired['p50_overhead_ms']} ms**, bulk throughput ratio **{paired['throughput_ratio']}**.", "",
+        table(["round", "perf_analyzer p50 ms", "Python client p50 ms", "bare ORT p50 ms", "overhead ms (perf_analyzer)",
+               "overhead ms (Python client)", "ours texts/s (bulk)", "bare ORT texts/s (bulk)", "ratio",
+               "load (1 min)"], rows), "",
+        f"Medians: {pa}overhead over the Python client **{paired['p50_overhead_ms']} ms**, "
+        f"bulk throughput ratio **{paired['throughput_ratio']}**.", "",
     ]
 
 

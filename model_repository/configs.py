@@ -41,10 +41,11 @@ class ServingOptions:
     max_texts_per_request: int = 64
     tokenizer_max_batch: int = 256
     encoder_max_batch: int = 256
-    # The tokenizer is cheap: batching it costs more latency than it saves. The encoder waits a little
-    # so concurrent requests share an ONNX Runtime run; under load it batches whatever is queued anyway.
+    # No queue delays: the tokenizer is cheap (batching it costs more latency than it saves), and under load
+    # the encoder batches whatever queued while it ran. A 200 us encoder delay was slower in the same
+    # benchmark run on every measure (short-text p50, batch-1 and batch-32 throughput; docs/benchmarks.md).
     tokenizer_queue_delay_us: int = 0
-    encoder_queue_delay_us: int = 200
+    encoder_queue_delay_us: int = 0
     # 0 = no bound (the default). Any ``default_queue_policy`` (even just ``max_queue_size``) makes the
     # dynamic batcher of Triton 2.51 miss wake-ups: an idle model sometimes leaves a new request queued for
     # its 500 ms default wait (measured: p99 546 ms and 60 instead of 191 requests/s at concurrency 1).
