@@ -298,19 +298,31 @@ class Bench:
                                   "intra_op_threads": options.intra_op_threads,
                                   "encoder_instances": options.encoder_instances,
                                   "max_tokens_per_batch": options.max_tokens_per_batch}
-        out["ours"] = self.serve_and_measure(export_dir, spec, options, workloads, mdir / "triton-fp32", full=True)
+        torch_embed = self.torch_embedder(case, export_dir) if cfg.torch_baseline else None
+        out["ours"] = self.serve_and_measure(export_dir, spec, options, workloads, mdir / "triton-fp32", full=True,
+                                             torch_embed=torch_embed)
         variants = {}
         for i, text in enumerate(cfg.variants if case.key in cfg.variant_models else ()):
             variant = replace(options, **parse_variant(text))
             variants[text] = self.serve_and_measure(export_dir, spec, variant, workloads, mdir / f"triton-variant{i}",
                                                     full=False)
         out["variants"] = variants
-        out["precisions"] = self.precisions(case, out, workloads, mdir) if case.key in cfg.precision_models else {
+        out["precisions"] = self.precisions(case, out, workloads, mdir, torch_embed) if case.key in cfg.precision_models else {
             "fp32": self.precision_entry(out["ours"], out["bare_ort"])}
         out["peer"] = self.peers(case, export_dir, spec, workloads, mdir) if cfg.peer else {
             "skipped": "peer disabled for this run (--no-peer or smoke mode)"}
         out["summary"] = summarize(out)
         return out
+
+    def torch_embedder(self, case: ModelCase, export_dir: Path) -> Callable[[Sequence[str]], Any] | None:
+        """PyTorch in this process, for the paired rounds (the in-process rows run it in a worker instead)."""
+        from tritonembed.benchmarks.inprocess import torch_embedder
+
+        try:
+            return torch_embedder(export_dir, source_dir(case.model_id), self.config.threads)
+        except Exception as exc:  # an optional baseline: report, do not abort the run
+            self.note(f"{case.key}: PyTorch for the paired rounds failed: {type(exc).__name__}: {exc}"[:300])
+            return None
 
     # ----- in-process baselines -----
     def in_process(self, engine: str, export_dir: Path, source: Path | None, workloads: dict[str, Workload],
@@ -350,7 +362,8 @@ class Bench:
 
     # ----- our server -----
     def serve_and_measure(self, export_dir: Path, spec: Any, options: Any, workloads: dict[str, Workload], wdir: Path,
-                          *, full: bool, b32_only: bool = False) -> dict[str, Any]:
+                          *, full: bool, b32_only: bool = False, torch_embed: Callable[[Sequence[str]], Any] | None = None,
+                          paired_bulk_rounds: int = 0) -> dict[str, Any]:
         from tritonembed.launcher import TritonServer
         from tritonembed.model_repository.assemble import build_repository
 
@@ -371,7 +384,12 @@ class Bench:
                                                b1=cfg.concurrency_b1 if full else () if b32_only else (max(cfg.concurrency_b1),),
                                                b32=cfg.concurrency_b32 if full else (max(cfg.concurrency_b32),))
                 if full and cfg.paired_rounds:
-                    out["paired"] = self.paired(server, spec, export_dir, workloads, wdir)
+                    out["paired"] = self.paired(server, spec, export_dir, workloads, wdir, torch_embed=torch_embed,
+                                                max_tokens=options.max_tokens_per_batch)
+                elif paired_bulk_rounds:
+                    out["paired"] = self.paired(server, spec, export_dir, workloads, wdir, torch_embed=torch_embed,
+                                                short_latency=False, rounds=paired_bulk_rounds,
+                                                max_tokens=options.max_tokens_per_batch)
                 if full and cfg.client:
                     out["async_client"] = self.client_phases(server, spec, probe, workloads)
                 if full and cfg.gateway:
@@ -381,69 +399,78 @@ class Bench:
         return out
 
     def paired(self, server: Any, spec: Any, export_dir: Path, workloads: dict[str, Workload],
-               wdir: Path | None = None) -> dict[str, Any]:
-        """Ours and bare ORT alternated in short rounds, so that load from elsewhere on a shared machine hits
-        both alike: one short text at a time (perf_analyzer, C++, and the sync Python gRPC client, vs ORT), and
-        a corpus embedded in bulk (``EmbeddingClient.embed(corpus)`` vs ORT over the corpus sorted by length in
-        batches of 32)."""
+               wdir: Path | None = None, *, torch_embed: Callable[[Sequence[str]], Any] | None = None,
+               short_latency: bool = True, rounds: int | None = None, max_tokens: int | None = None) -> dict[str, Any]:
+        """Ours and the in-process baselines alternated in short rounds, so that load from elsewhere on a shared
+        machine hits all of them alike.
+
+        Each round: (with ``short_latency``) one short text at a time through perf_analyzer (C++) and the sync
+        Python gRPC client vs bare ORT; then one corpus of mixed texts embedded in bulk by
+        ``EmbeddingClient.embed(corpus)``, by bare ORT in length-sorted batches of 32 (what a user writes), by
+        bare ORT over the served planner's micro-batches (the strict ceiling: same grouping, no serving), and
+        by PyTorch (``torch_embed``, batches of 32) when given.
+        """
         from tritonembed.benchmarks.inprocess import ort_embedder
         from tritonembed.benchmarks.perf_analyzer import PerfAnalyzerError, run_perf_analyzer
         from tritonembed.client import EmbeddingClient
+        from tritonembed.export.validate import OnnxEncoder
+        from tritonembed.model_repository.configs import ServingOptions
+        from tritonembed.model_repository.stages import plan_microbatches
+        from tritonembed.model_repository.tokenization import SpecTokenizer, pad_batch
 
         bare = ort_embedder(export_dir, self.config.threads)
+        tokenizer = SpecTokenizer(export_dir / spec.tokenizer_file, spec)
+        planned_encoder = OnnxEncoder(export_dir / spec.onnx_file, tokenizer, threads=self.config.threads)
+        budget = max_tokens or ServingOptions().max_tokens_per_batch
         short = list(workloads["short"].texts[:16])
         mixed = workloads["mixed"]
         corpus = list(mixed.texts[:64])
         corpus_tokens = sum(mixed.tokens[:64])
         by_length = sorted(corpus, key=lambda t: mixed.tokens[mixed.texts.index(t)])
-        rounds = []
-        with EmbeddingClient(server.grpc_url, model=spec.name) as client:
-            bare(short[:2]), client.embed(short[:2])  # warm-up
-            for k in range(self.config.paired_rounds):
-                row: dict[str, Any] = {}
-                try:  # three windows of 64 requests: ~1 s for a short text
-                    [pa] = run_perf_analyzer(spec.name, server.grpc_url, (wdir or self.workdir) / f"paired-pa-{k}",
-                                             concurrency="1:1:1", texts=short, request_count=64, max_trials=3)
-                    row["perf_analyzer_short_p50_ms"] = pa.p50_ms
-                except PerfAnalyzerError as exc:
-                    self.note(f"paired round {k + 1}: perf_analyzer failed: {str(exc).splitlines()[0]}")
-                for label, one in (("ours", lambda t: client.embed([t])), ("bare_ort", lambda t: bare([t]))):
-                    lat = []
-                    for text in short:
-                        t0 = time.perf_counter()
-                        one(text)
-                        lat.append((time.perf_counter() - t0) * 1e3)
-                    row[f"{label}_short_p50_ms"] = round(st.percentile(lat, 50), 3)
-                t0 = time.perf_counter()
-                client.embed(corpus)
-                row["ours_corpus_texts_per_s"] = round(len(corpus) / (time.perf_counter() - t0), 2)
-                t0 = time.perf_counter()
-                for start in range(0, len(by_length), 32):
-                    bare(by_length[start:start + 32])
-                row["bare_ort_corpus_texts_per_s"] = round(len(corpus) / (time.perf_counter() - t0), 2)
-                row["load_1min"] = round(load_average()[0], 2)
-                rounds.append(row)
-                log.info("paired round: %s", row)
-        def median(key: str) -> float:
-            return round(st.percentile([r[key] for r in rounds], 50), 3)
 
-        with_pa = [r for r in rounds if "perf_analyzer_short_p50_ms" in r]
-        pa_summary = {
-            "perf_analyzer_short_p50_ms": round(st.percentile([r["perf_analyzer_short_p50_ms"] for r in with_pa], 50), 3),
-            "perf_analyzer_p50_overhead_ms": round(st.percentile(
-                [r["perf_analyzer_short_p50_ms"] - r["bare_ort_short_p50_ms"] for r in with_pa], 50), 3),
-        } if with_pa else {}
-        return {
-            **pa_summary,
-            "rounds": rounds, "corpus_texts": len(corpus), "corpus_tokens": corpus_tokens, "short_texts": len(short),
-            "p50_overhead_ms": round(st.percentile([r["ours_short_p50_ms"] - r["bare_ort_short_p50_ms"] for r in rounds],
-                                                   50), 3),
-            "throughput_ratio": round(st.percentile([r["ours_corpus_texts_per_s"] / r["bare_ort_corpus_texts_per_s"]
-                                                     for r in rounds], 50), 3),
-            "ours_short_p50_ms": median("ours_short_p50_ms"), "bare_ort_short_p50_ms": median("bare_ort_short_p50_ms"),
-            "ours_corpus_texts_per_s": median("ours_corpus_texts_per_s"),
-            "bare_ort_corpus_texts_per_s": median("bare_ort_corpus_texts_per_s"),
-        }
+        def bare_planned(texts: Sequence[str]) -> None:  # tokenize + plan + run, as the server does, in-process
+            ids = tokenizer.encode(tokenizer.format(list(texts))).ids
+            for group in plan_microbatches([len(i) for i in ids], budget, 256):
+                planned_encoder.run_ids(*pad_batch([ids[i] for i in group], spec.pad_token_id, spec.padding_side))
+
+        def timed(fn: Callable[[], Any]) -> float:
+            t0 = time.perf_counter()
+            fn()
+            return round(len(corpus) / (time.perf_counter() - t0), 2)
+
+        out_rounds = []
+        with EmbeddingClient(server.grpc_url, model=spec.name) as client:
+            bare(short[:2]), client.embed(short[:2]), bare_planned(short[:2])  # warm-up
+            if torch_embed is not None:
+                torch_embed(short[:2])
+            for k in range(rounds or self.config.paired_rounds):
+                row: dict[str, Any] = {}
+                if short_latency:
+                    try:  # three windows of 64 requests: ~1 s for a short text
+                        [pa] = run_perf_analyzer(spec.name, server.grpc_url, (wdir or self.workdir) / f"paired-pa-{k}",
+                                                 concurrency="1:1:1", texts=short, request_count=64, max_trials=3)
+                        row["perf_analyzer_short_p50_ms"] = pa.p50_ms
+                    except PerfAnalyzerError as exc:
+                        self.note(f"paired round {k + 1}: perf_analyzer failed: {str(exc).splitlines()[0]}")
+                    for label, one in (("ours", lambda t: client.embed([t])), ("bare_ort", lambda t: bare([t]))):
+                        lat = []
+                        for text in short:
+                            t0 = time.perf_counter()
+                            one(text)
+                            lat.append((time.perf_counter() - t0) * 1e3)
+                        row[f"{label}_short_p50_ms"] = round(st.percentile(lat, 50), 3)
+                row["ours_corpus_texts_per_s"] = timed(lambda: client.embed(corpus))
+                row["bare_ort_corpus_texts_per_s"] = timed(
+                    lambda: [bare(by_length[i:i + 32]) for i in range(0, len(by_length), 32)])
+                row["bare_ort_planned_corpus_texts_per_s"] = timed(lambda: bare_planned(corpus))
+                if torch_embed is not None:
+                    row["torch_corpus_texts_per_s"] = timed(
+                        lambda: [torch_embed(by_length[i:i + 32]) for i in range(0, len(by_length), 32)])
+                row["load_1min"] = round(load_average()[0], 2)
+                out_rounds.append(row)
+                log.info("paired round: %s", row)
+        return summarize_paired(out_rounds, corpus_texts=len(corpus), corpus_tokens=corpus_tokens,
+                                short_texts=len(short) if short_latency else 0)
 
     def warm_up(self, server: Any, spec: Any, workloads: dict[str, Workload]) -> None:
         from tritonembed.client import EmbeddingClient
@@ -585,7 +612,8 @@ class Bench:
             "bare_ort_texts_per_s": st.best(r["texts_per_s"] for r in ort_b32),
         }
 
-    def precisions(self, case: ModelCase, out: dict[str, Any], workloads: dict[str, Workload], mdir: Path) -> dict:
+    def precisions(self, case: ModelCase, out: dict[str, Any], workloads: dict[str, Workload], mdir: Path,
+                   torch_embed: Callable[[Sequence[str]], Any] | None = None) -> dict:
         from tritonembed.model_repository.configs import ServingOptions
         from tritonembed.spec import ModelSpec
 
@@ -612,12 +640,15 @@ class Bench:
                 ort = self.in_process("ort", export_dir, None, workloads, {"mixed_sorted": [32]}, pdir / "ort")
                 options = ServingOptions(profile="cpu", intra_op_threads=self.config.threads)
                 ours = self.serve_and_measure(export_dir, spec, options, workloads, pdir / "triton", full=False,
-                                              b32_only=True)
+                                              b32_only=True, torch_embed=torch_embed,
+                                              paired_bulk_rounds=3 if self.config.paired_rounds else 0)
             except TritonEmbedError as exc:
                 entries[precision] = {"skipped": f"measurement failed: {exc}"[:500]}
                 self.note(f"{case.key} {precision}: {entries[precision]['skipped']}")
                 continue
             entries[precision] = self.precision_entry(ours, ort)
+            if "paired" in ours:
+                entries[precision]["paired"] = ours["paired"]
             entries[precision]["onnx_bytes"] = sum(p.stat().st_size for p in export_dir.glob(spec.onnx_file + "*"))
         entries["fp32"]["onnx_bytes"] = sum(p.stat().st_size for p in self.export(case, "fp32").glob("model.onnx*"))
         return entries
@@ -707,6 +738,30 @@ def serving_summary(section: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def summarize_paired(rounds: list[dict[str, Any]], **info: Any) -> dict[str, Any]:
+    """Medians over paired rounds: each ratio or difference is taken within a round, then the median."""
+    def median_of(values: list[float]) -> float | None:
+        return round(st.percentile(values, 50), 3) if values else None
+
+    def column(key: str) -> float | None:
+        return median_of([r[key] for r in rounds if key in r])
+
+    def per_round(a: str, b: str, op: Callable[[float, float], float]) -> float | None:
+        return median_of([op(r[a], r[b]) for r in rounds if a in r and b in r])
+
+    out: dict[str, Any] = {"rounds": rounds, **info}
+    for key in ("perf_analyzer_short_p50_ms", "ours_short_p50_ms", "bare_ort_short_p50_ms", "ours_corpus_texts_per_s",
+                "bare_ort_corpus_texts_per_s", "bare_ort_planned_corpus_texts_per_s", "torch_corpus_texts_per_s"):
+        out[key] = column(key)
+    minus, over = (lambda a, b: a - b), (lambda a, b: a / b)
+    out["p50_overhead_ms"] = per_round("ours_short_p50_ms", "bare_ort_short_p50_ms", minus)
+    out["perf_analyzer_p50_overhead_ms"] = per_round("perf_analyzer_short_p50_ms", "bare_ort_short_p50_ms", minus)
+    out["throughput_ratio"] = per_round("ours_corpus_texts_per_s", "bare_ort_corpus_texts_per_s", over)
+    out["planned_throughput_ratio"] = per_round("ours_corpus_texts_per_s", "bare_ort_planned_corpus_texts_per_s", over)
+    out["torch_throughput_ratio"] = per_round("ours_corpus_texts_per_s", "torch_corpus_texts_per_s", over)
+    return {k: v for k, v in out.items() if v is not None}
+
+
 def summarize(model: dict[str, Any]) -> dict[str, Any]:
     """Headline numbers, same-run ratios and the goals of issue 5 for one model's results."""
     ours_perf = model["ours"].get("perf", [])
@@ -727,7 +782,9 @@ def summarize(model: dict[str, Any]) -> dict[str, Any]:
     padded = sum(r["encoder_counters"]["encoder_padded_tokens"] for r in mixed)
     waste = st.padding_waste(real, padded)
     overhead = round(ours_p50 - ort_p50, 3) if ours_p50 is not None and ort_p50 is not None else None
-    int8_tps = ((model.get("precisions") or {}).get("int8") or {}).get("server_texts_per_s")
+    int8 = (model.get("precisions") or {}).get("int8") or {}
+    int8_tps = int8.get("server_texts_per_s")
+    int8_paired = int8.get("paired") or {}
     summary: dict[str, Any] = {
         "ours_grpc_best_texts_per_s": ours_tps,
         "async_client_best_texts_per_s": client_tps,
@@ -760,12 +817,25 @@ def summarize(model: dict[str, Any]) -> dict[str, Any]:
         st.at_least("gRPC throughput vs bare ORT at saturation", 0.90, ratios["ours_over_bare_ort"],
                     f"ours {ours_tps} vs bare ORT {ort_tps} texts/s"),
         st.below("p50 overhead, one short text (ms)", 2.0, overhead, f"ours {ours_p50} ms vs bare ORT {ort_p50} ms"),
-        *((st.at_least("paired: bulk throughput vs bare ORT (alternated rounds)", 0.90, paired["throughput_ratio"],
+        *((st.at_least("paired: bulk throughput vs bare ORT in length-sorted batches of 32", 0.90, paired["throughput_ratio"],
                        f"ours {paired['ours_corpus_texts_per_s']} vs bare ORT {paired['bare_ort_corpus_texts_per_s']} "
                        f"texts/s, median of {len(paired['rounds'])} rounds"),
            st.below("paired: p50 overhead, one short text (ms, alternated rounds)", 2.0, paired["p50_overhead_ms"],
                     f"ours {paired['ours_short_p50_ms']} ms vs bare ORT {paired['bare_ort_short_p50_ms']} ms "
                     "(sync Python gRPC client)")) if paired else ()),
+        *((st.at_least("paired: bulk throughput vs bare ORT running the served planner (strict ceiling)", 0.90,
+                       paired["planned_throughput_ratio"],
+                       f"ours {paired['ours_corpus_texts_per_s']} vs bare ORT + planner "
+                       f"{paired['bare_ort_planned_corpus_texts_per_s']} texts/s, median of per-round ratios"),)
+          if paired and "planned_throughput_ratio" in paired else ()),
+        *((st.at_least("paired: bulk throughput vs PyTorch (alternated rounds)", 1.5, paired["torch_throughput_ratio"],
+                       f"ours {paired['ours_corpus_texts_per_s']} vs PyTorch {paired['torch_corpus_texts_per_s']} "
+                       "texts/s, median of per-round ratios"),) if paired and "torch_throughput_ratio" in paired else ()),
+        *((st.at_least("paired: our int8 vs PyTorch fp32, bulk (alternated rounds)", 1.5,
+                       int8_paired["torch_throughput_ratio"],
+                       f"ours int8 {int8_paired['ours_corpus_texts_per_s']} vs PyTorch fp32 "
+                       f"{int8_paired['torch_corpus_texts_per_s']} texts/s, median of per-round ratios"),)
+          if "torch_throughput_ratio" in int8_paired else ()),
         *((st.below("paired: p50 overhead, one short text (ms, perf_analyzer, alternated rounds)", 2.0,
                     paired["perf_analyzer_p50_overhead_ms"],
                     f"ours {paired['perf_analyzer_short_p50_ms']} ms vs bare ORT {paired['bare_ort_short_p50_ms']} ms "
