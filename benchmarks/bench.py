@@ -100,7 +100,7 @@ def quick_config(**overrides: Any) -> BenchConfig:
     """The ``--quick`` preset: MiniLM (all precisions, variants, Infinity) + the small Qwen3 shape, short phases."""
     base = BenchConfig(
         models=("minilm", "qwen3-small"), texts=256, short_texts=64, perf_measurement_ms=1500, perf_requests_b32=6,
-        duration_s=4.0, concurrency_b1=(1, 4, 8), concurrency_b32=(1, 2), peer_engines=("torch",),
+        duration_s=4.0, concurrency_b1=(1, 4, 8), concurrency_b32=(1, 2), peer_engines=("torch",), paired_rounds=4,
         variants=("encoder_queue_delay_us=200", "max_queue_size=512"),
         variant_models=("minilm",), mode="quick")
     return replace(base, **overrides)
@@ -298,30 +298,37 @@ class Bench:
                                   "intra_op_threads": options.intra_op_threads,
                                   "encoder_instances": options.encoder_instances,
                                   "max_tokens_per_batch": options.max_tokens_per_batch}
-        torch_embed = self.torch_embedder(case, export_dir) if cfg.torch_baseline else None
-        out["ours"] = self.serve_and_measure(export_dir, spec, options, workloads, mdir / "triton-fp32", full=True,
-                                             torch_embed=torch_embed)
-        variants = {}
-        for i, text in enumerate(cfg.variants if case.key in cfg.variant_models else ()):
-            variant = replace(options, **parse_variant(text))
-            variants[text] = self.serve_and_measure(export_dir, spec, variant, workloads, mdir / f"triton-variant{i}",
-                                                    full=False)
-        out["variants"] = variants
-        out["precisions"] = self.precisions(case, out, workloads, mdir, torch_embed) if case.key in cfg.precision_models else {
-            "fp32": self.precision_entry(out["ours"], out["bare_ort"])}
-        out["peer"] = self.peers(case, export_dir, spec, workloads, mdir) if cfg.peer else {
-            "skipped": "peer disabled for this run (--no-peer or smoke mode)"}
+        torch_embed = self.torch_worker(case, export_dir) if cfg.torch_baseline else None
+        try:
+            out["ours"] = self.serve_and_measure(export_dir, spec, options, workloads, mdir / "triton-fp32", full=True,
+                                                 torch_embed=torch_embed)
+            variants = {}
+            for i, text in enumerate(cfg.variants if case.key in cfg.variant_models else ()):
+                variant = replace(options, **parse_variant(text))
+                variants[text] = self.serve_and_measure(export_dir, spec, variant, workloads,
+                                                        mdir / f"triton-variant{i}", full=False)
+            out["variants"] = variants
+            if case.key in cfg.precision_models:
+                out["precisions"] = self.precisions(case, out, workloads, mdir, torch_embed)
+            else:
+                out["precisions"] = {"fp32": self.precision_entry(out["ours"], out["bare_ort"])}
+            out["peer"] = self.peers(case, export_dir, spec, workloads, mdir) if cfg.peer else {
+                "skipped": "peer disabled for this run (--no-peer or smoke mode)"}
+        finally:
+            if torch_embed is not None:
+                torch_embed.close()
         out["summary"] = summarize(out)
         return out
 
-    def torch_embedder(self, case: ModelCase, export_dir: Path) -> Callable[[Sequence[str]], Any] | None:
-        """PyTorch in this process, for the paired rounds (the in-process rows run it in a worker instead)."""
-        from tritonembed.benchmarks.inprocess import torch_embedder
+    def torch_worker(self, case: ModelCase, export_dir: Path) -> Any:
+        """PyTorch kept loaded in a process of its own, timed on demand in the paired rounds (None on failure)."""
+        from tritonembed.benchmarks.inprocess import Worker
 
         try:
-            return torch_embedder(export_dir, source_dir(case.model_id), self.config.threads)
+            return Worker("torch", export_dir, self.config.threads, source=source_dir(case.model_id),
+                          log_file=self.workdir / case.key / "torch-worker.log")
         except Exception as exc:  # an optional baseline: report, do not abort the run
-            self.note(f"{case.key}: PyTorch for the paired rounds failed: {type(exc).__name__}: {exc}"[:300])
+            self.note(f"{case.key}: PyTorch worker for the paired rounds failed: {type(exc).__name__}: {exc}"[:300])
             return None
 
     # ----- in-process baselines -----
@@ -362,7 +369,7 @@ class Bench:
 
     # ----- our server -----
     def serve_and_measure(self, export_dir: Path, spec: Any, options: Any, workloads: dict[str, Workload], wdir: Path,
-                          *, full: bool, b32_only: bool = False, torch_embed: Callable[[Sequence[str]], Any] | None = None,
+                          *, full: bool, b32_only: bool = False, torch_embed: Any = None,
                           paired_bulk_rounds: int = 0) -> dict[str, Any]:
         from tritonembed.launcher import TritonServer
         from tritonembed.model_repository.assemble import build_repository
@@ -399,7 +406,7 @@ class Bench:
         return out
 
     def paired(self, server: Any, spec: Any, export_dir: Path, workloads: dict[str, Workload],
-               wdir: Path | None = None, *, torch_embed: Callable[[Sequence[str]], Any] | None = None,
+               wdir: Path | None = None, *, torch_embed: Any = None,
                short_latency: bool = True, rounds: int | None = None, max_tokens: int | None = None) -> dict[str, Any]:
         """Ours and the in-process baselines alternated in short rounds, so that load from elsewhere on a shared
         machine hits all of them alike.
@@ -408,7 +415,8 @@ class Bench:
         Python gRPC client vs bare ORT; then one corpus of mixed texts embedded in bulk by
         ``EmbeddingClient.embed(corpus)``, by bare ORT in length-sorted batches of 32 (what a user writes), by
         bare ORT over the served planner's micro-batches (the strict ceiling: same grouping, no serving), and
-        by PyTorch (``torch_embed``, batches of 32) when given.
+        by PyTorch (``torch_embed``, an :class:`~tritonembed.benchmarks.inprocess.Worker`: its own process,
+        length-sorted batches of 32) when given.
         """
         from tritonembed.benchmarks.inprocess import ort_embedder
         from tritonembed.benchmarks.perf_analyzer import PerfAnalyzerError, run_perf_analyzer
@@ -424,9 +432,9 @@ class Bench:
         budget = max_tokens or ServingOptions().max_tokens_per_batch
         short = list(workloads["short"].texts[:16])
         mixed = workloads["mixed"]
-        corpus = list(mixed.texts[:64])
-        corpus_tokens = sum(mixed.tokens[:64])
-        by_length = sorted(corpus, key=lambda t: mixed.tokens[mixed.texts.index(t)])
+        corpus = list(mixed.texts)  # the whole mixed workload: a small corpus would exaggerate padding losses
+        corpus_tokens = sum(mixed.tokens)
+        by_length = [t for _, t in sorted(zip(mixed.tokens, corpus, strict=True), key=lambda p: p[0])]
 
         def bare_planned(texts: Sequence[str]) -> None:  # tokenize + plan + run, as the server does, in-process
             ids = tokenizer.encode(tokenizer.format(list(texts))).ids
@@ -442,7 +450,7 @@ class Bench:
         with EmbeddingClient(server.grpc_url, model=spec.name) as client:
             bare(short[:2]), client.embed(short[:2]), bare_planned(short[:2])  # warm-up
             if torch_embed is not None:
-                torch_embed(short[:2])
+                torch_embed.seconds(short[:2])
             for k in range(rounds or self.config.paired_rounds):
                 row: dict[str, Any] = {}
                 if short_latency:
@@ -464,8 +472,7 @@ class Bench:
                     lambda: [bare(by_length[i:i + 32]) for i in range(0, len(by_length), 32)])
                 row["bare_ort_planned_corpus_texts_per_s"] = timed(lambda: bare_planned(corpus))
                 if torch_embed is not None:
-                    row["torch_corpus_texts_per_s"] = timed(
-                        lambda: [torch_embed(by_length[i:i + 32]) for i in range(0, len(by_length), 32)])
+                    row["torch_corpus_texts_per_s"] = round(len(corpus) / torch_embed.seconds(by_length, 32), 2)
                 row["load_1min"] = round(load_average()[0], 2)
                 out_rounds.append(row)
                 log.info("paired round: %s", row)
@@ -613,7 +620,7 @@ class Bench:
         }
 
     def precisions(self, case: ModelCase, out: dict[str, Any], workloads: dict[str, Workload], mdir: Path,
-                   torch_embed: Callable[[Sequence[str]], Any] | None = None) -> dict:
+                   torch_embed: Any = None) -> dict:
         from tritonembed.model_repository.configs import ServingOptions
         from tritonembed.spec import ModelSpec
 

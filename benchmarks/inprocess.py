@@ -9,6 +9,10 @@
 
 The workload file holds ``{"name": {"texts": [...], "tokens": [...]}}``; every workload runs at every
 batch size given. The result file holds one entry per (workload, batch size) plus the peak RSS.
+
+``--serve`` instead keeps the model loaded and answers timing requests on stdin/stdout (one JSON object per
+line: ``{"texts": [...], "batch_size": 32}`` -> ``{"seconds": s}``), so the benchmark can alternate this
+baseline with its server in paired rounds while PyTorch runs in a process of its own. See :class:`Worker`.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -85,6 +90,66 @@ def torch_embedder(export_dir: Path, source: Path, threads: int) -> Callable[[Se
     return embed_qwen
 
 
+def serve(embed: Callable[[Sequence[str]], np.ndarray], stdin, stdout) -> None:
+    """Answer timing requests until stdin closes: embed the texts in batches as given, report the seconds."""
+    stdout.write(json.dumps({"ready": True}) + "\n")
+    stdout.flush()
+    for line in stdin:
+        request = json.loads(line)
+        texts, size = request["texts"], int(request.get("batch_size", 32))
+        started = time.perf_counter()
+        for i in range(0, len(texts), size):
+            embed(texts[i:i + size])
+        stdout.write(json.dumps({"seconds": time.perf_counter() - started}) + "\n")
+        stdout.flush()
+
+
+class Worker:
+    """A baseline in its own process (``--serve``), timed on demand: ``seconds(texts, batch_size)``.
+
+    Raises:
+        RuntimeError: the worker fails to start or dies (its stderr in the message).
+    """
+
+    def __init__(self, engine: str, export_dir: Path, threads: int, source: Path | None = None,
+                 log_file: Path | None = None) -> None:
+        cmd = [sys.executable, "-m", "tritonembed.benchmarks.inprocess", "--engine", engine, "--export-dir",
+               str(export_dir), "--threads", str(threads), "--serve"]
+        if source is not None:
+            cmd += ["--source", str(source)]
+        self._log = open(log_file, "wb") if log_file else subprocess.DEVNULL
+        self.process = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True)
+        self._read()  # {"ready": true}
+
+    def _read(self) -> dict:
+        line = self.process.stdout.readline()
+        if not line:
+            self.close()
+            raise RuntimeError(f"in-process worker exited with {self.process.returncode}")
+        return json.loads(line)
+
+    def seconds(self, texts: Sequence[str], batch_size: int = 32) -> float:
+        self.process.stdin.write(json.dumps({"texts": list(texts), "batch_size": batch_size}) + "\n")
+        self.process.stdin.flush()
+        return float(self._read()["seconds"])
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.stdin.close()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        if self._log is not subprocess.DEVNULL:
+            self._log.close()
+
+    def __enter__(self) -> Worker:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def run(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     if args.engine == "ort":
@@ -112,15 +177,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--export-dir", type=Path, required=True)
     p.add_argument("--source", type=Path, help="the checkpoint (torch engine)")
     p.add_argument("--threads", type=int, required=True)
-    p.add_argument("--workload", type=Path, required=True)
+    p.add_argument("--workload", type=Path)
     p.add_argument("--batch-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 32])
     p.add_argument("--duration", type=float, default=5.0)
     p.add_argument("--min-requests", type=int, default=4)
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=Path)
+    p.add_argument("--serve", action="store_true", help="answer timing requests on stdin (see Worker)")
     args = p.parse_args(argv)
     if args.engine == "torch" and args.source is None:
         p.error("--source is required with --engine torch")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if not args.serve and (args.workload is None or args.out is None):
+        p.error("--workload and --out are required without --serve")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+    if args.serve:
+        embed = ort_embedder(args.export_dir, args.threads) if args.engine == "ort" else torch_embedder(
+            args.export_dir, args.source, args.threads)
+        serve(embed, sys.stdin, sys.stdout)
+        return 0
     args.out.write_text(json.dumps(run(args), indent=2))
     return 0
 
