@@ -100,8 +100,8 @@ def quick_config(**overrides: Any) -> BenchConfig:
     """The ``--quick`` preset: MiniLM (all precisions, variants, Infinity) + the small Qwen3 shape, short phases."""
     base = BenchConfig(
         models=("minilm", "qwen3-small"), texts=256, short_texts=64, perf_measurement_ms=1500, perf_requests_b32=6,
-        duration_s=4.0, concurrency_b1=(1, 4, 8), concurrency_b32=(1, 2), peer_engines=("torch",), paired_rounds=4,
-        variants=("encoder_queue_delay_us=200", "max_queue_size=512"),
+        duration_s=4.0, concurrency_b1=(1, 4, 8), concurrency_b32=(1, 2), peer_engines=("torch",), paired_rounds=3,
+        variants=("max_queue_size=512",),
         variant_models=("minilm",), mode="quick")
     return replace(base, **overrides)
 
@@ -648,7 +648,8 @@ class Bench:
                 options = ServingOptions(profile="cpu", intra_op_threads=self.config.threads)
                 ours = self.serve_and_measure(export_dir, spec, options, workloads, pdir / "triton", full=False,
                                               b32_only=True, torch_embed=torch_embed,
-                                              paired_bulk_rounds=3 if self.config.paired_rounds else 0)
+                                              paired_bulk_rounds=3 if precision == "int8" and self.config.paired_rounds
+                                              else 0)
             except TritonEmbedError as exc:
                 entries[precision] = {"skipped": f"measurement failed: {exc}"[:500]}
                 self.note(f"{case.key} {precision}: {entries[precision]['skipped']}")
