@@ -42,8 +42,8 @@ class ServingOptions:
     tokenizer_max_batch: int = 256
     encoder_max_batch: int = 256
     # No queue delays: the tokenizer is cheap (batching it costs more latency than it saves), and under load
-    # the encoder batches whatever queued while it ran. A 200 us encoder delay was slower in the same
-    # benchmark run on every measure (short-text p50, batch-1 and batch-32 throughput; docs/benchmarks.md).
+    # the encoder batches whatever queued while it ran. 0 vs 200 us for the encoder differed by less than
+    # the machine's noise in four same-run comparisons (docs/benchmarks.md); 0 saves a fixed wait at low load.
     tokenizer_queue_delay_us: int = 0
     encoder_queue_delay_us: int = 0
     # 0 = no bound (the default). Any ``default_queue_policy`` (even just ``max_queue_size``) makes the
