@@ -22,6 +22,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from tritonembed.benchmarks.report import table
+
 log = logging.getLogger("tritonembed.benchmarks.int8_study")
 
 
@@ -79,11 +81,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     with tempfile.TemporaryDirectory(prefix="tritonembed-int8-") as tmp:
         rows = study(args.export_dir, texts=args.texts, threads=args.threads, batch=args.batch, workdir=Path(tmp))
-    print("| variant | alone vs batched: max abs diff / min cos | vs FP32: min / mean cos | texts/s (sorted, batch 32) |")
-    print("| --- | --- | --- | --- |")
-    for r in rows:
-        print(f"| {r['variant']} | {r['alone_vs_batched_max_abs_diff']:.2g} / {r['alone_vs_batched_min_cosine']:.5f} "
-              f"| {r['vs_fp32_min_cosine']:.4f} / {r['vs_fp32_mean_cosine']:.5f} | {r['texts_per_s']:.1f} |")
+    print(table(["variant", "alone vs batched: max abs diff / min cos", "vs FP32: min / mean cos",
+                 "texts/s (sorted, batch 32)"],
+                [[r["variant"], f"{r['alone_vs_batched_max_abs_diff']:.2g} / {r['alone_vs_batched_min_cosine']:.5f}",
+                  f"{r['vs_fp32_min_cosine']:.4f} / {r['vs_fp32_mean_cosine']:.5f}", f"{r['texts_per_s']:.1f}"]
+                 for r in rows]))
     if args.output:
         args.output.write_text(json.dumps(rows, indent=2))
     return 0

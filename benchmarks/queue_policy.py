@@ -19,6 +19,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from tritonembed.benchmarks.report import table
+
 log = logging.getLogger("tritonembed.benchmarks.queue_policy")
 
 
@@ -79,11 +81,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             for size in (args.queue_size, 0):
                 rows += measure(args.export_dir, queue_size=size, requests=args.requests, threads=args.threads,
                                 workdir=Path(tmp))
-    print("| server | model | requests/s | p50 ms | p99 ms | avg queue µs |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    for r in rows:
-        print(f"| {r['server']} | {r['model']} | {r['requests_per_s']:.1f} | {r['p50_ms']:.2f} | {r['p99_ms']:.1f} "
-              f"| {r['queue_us']} |")
+    print(table(["server", "model", "requests/s", "p50 ms", "p99 ms", "avg queue µs"],
+                [[r["server"], r["model"], f"{r['requests_per_s']:.1f}", f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.1f}",
+                  str(r["queue_us"])] for r in rows]))
     if args.output:
         args.output.write_text(json.dumps(rows, indent=2))
     return 0
