@@ -418,17 +418,16 @@ class Bench:
         by PyTorch (``torch_embed``, an :class:`~tritonembed.benchmarks.inprocess.Worker`: its own process,
         length-sorted batches of 32) when given.
         """
-        from tritonembed.benchmarks.inprocess import ort_embedder
+        from tritonembed.benchmarks.inprocess import ort_embedder, ort_encoder
         from tritonembed.benchmarks.perf_analyzer import PerfAnalyzerError, run_perf_analyzer
         from tritonembed.client import EmbeddingClient
-        from tritonembed.export.validate import OnnxEncoder
         from tritonembed.model_repository.configs import ServingOptions
         from tritonembed.model_repository.stages import plan_microbatches
-        from tritonembed.model_repository.tokenization import SpecTokenizer, pad_batch
+        from tritonembed.model_repository.tokenization import pad_batch
 
-        bare = ort_embedder(export_dir, self.config.threads)
-        tokenizer = SpecTokenizer(export_dir / spec.tokenizer_file, spec)
-        planned_encoder = OnnxEncoder(export_dir / spec.onnx_file, tokenizer, threads=self.config.threads)
+        encoder = ort_encoder(export_dir, self.config.threads)  # one session for both bare-ORT legs
+        tokenizer = encoder.tokenizer
+        bare = ort_embedder(export_dir, self.config.threads, encoder)
         budget = max_tokens or ServingOptions().max_tokens_per_batch
         short = list(workloads["short"].texts[:16])
         mixed = workloads["mixed"]
@@ -439,7 +438,7 @@ class Bench:
         def bare_planned(texts: Sequence[str]) -> None:  # tokenize + plan + run, as the server does, in-process
             ids = tokenizer.encode(tokenizer.format(list(texts))).ids
             for group in plan_microbatches([len(i) for i in ids], budget, 256):
-                planned_encoder.run_ids(*pad_batch([ids[i] for i in group], spec.pad_token_id, spec.padding_side))
+                encoder.run_ids(*pad_batch([ids[i] for i in group], spec.pad_token_id, spec.padding_side))
 
         def timed(fn: Callable[[], Any]) -> float:
             t0 = time.perf_counter()

@@ -34,24 +34,28 @@ from tritonembed.benchmarks.system import own_peak_rss_bytes
 log = logging.getLogger("tritonembed.benchmarks.inprocess")
 
 
-def ort_embedder(export_dir: Path, threads: int) -> Callable[[Sequence[str]], np.ndarray]:
-    """Texts -> embeddings with ONNX Runtime: tokenize (serving tokenizer), pad to the longest, run."""
+def ort_encoder(export_dir: Path, threads: int):
+    """An ONNX Runtime session on the export's ``model.onnx``, fed by the serving tokenizer."""
     from tritonembed.export.validate import OnnxEncoder
     from tritonembed.model_repository.tokenization import SpecTokenizer
     from tritonembed.spec import ModelSpec
 
     spec = ModelSpec.load(export_dir)
-    encoder = OnnxEncoder(export_dir / spec.onnx_file, SpecTokenizer(export_dir / spec.tokenizer_file, spec),
-                          threads=threads)
+    return OnnxEncoder(export_dir / spec.onnx_file, SpecTokenizer(export_dir / spec.tokenizer_file, spec),
+                       threads=threads)
+
+
+def ort_embedder(export_dir: Path, threads: int, encoder=None) -> Callable[[Sequence[str]], np.ndarray]:
+    """Texts -> embeddings with ONNX Runtime: tokenize (serving tokenizer), pad to the longest, run.
+
+    ``encoder`` (an :func:`ort_encoder`) is reused when given instead of loading a second session.
+    """
+    encoder = encoder or ort_encoder(export_dir, threads)
 
     def embed(texts: Sequence[str]) -> np.ndarray:
-        return encoder.embed(spec_format(spec, texts), batch_size=len(texts))
+        return encoder.embed(encoder.tokenizer.format(texts), batch_size=len(texts))
 
     return embed
-
-
-def spec_format(spec, texts: Sequence[str]) -> list[str]:
-    return [spec.format_text(t, None) for t in texts]
 
 
 def torch_embedder(export_dir: Path, source: Path, threads: int) -> Callable[[Sequence[str]], np.ndarray]:
@@ -108,7 +112,7 @@ class Worker:
     """A baseline in its own process (``--serve``), timed on demand: ``seconds(texts, batch_size)``.
 
     Raises:
-        RuntimeError: the worker fails to start or dies (its stderr in the message).
+        RuntimeError: the worker fails to start or dies (its stderr is in ``log_file`` when one is given).
     """
 
     def __init__(self, engine: str, export_dir: Path, threads: int, source: Path | None = None,
