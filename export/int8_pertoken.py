@@ -52,6 +52,7 @@ def rewrite_matmuls(model: onnx.ModelProto, names: Collection[str], *, weight_bi
 
     if not 2 <= weight_bits <= 8:
         raise ValueError(f"weight_bits must be within 2..8, got {weight_bits}")
+    wanted = set(names)
     inits = {t.name: t for t in model.graph.initializer}
     shared = {
         "eps": np.array(1e-10, np.float32),
@@ -67,7 +68,7 @@ def rewrite_matmuls(model: onnx.ModelProto, names: Collection[str], *, weight_bi
     nodes = []
     done = 0
     for node in model.graph.node:
-        if node.name not in names:
+        if node.name not in wanted:
             nodes.append(node)
             continue
         if node.op_type != "MatMul" or node.input[1] not in inits:
@@ -95,8 +96,8 @@ def rewrite_matmuls(model: onnx.ModelProto, names: Collection[str], *, weight_bi
             helper.make_node("Mul", [p + "mm", p + "scale"], list(node.output), name=p + "out"),
         ]
         done += 1
-    if done != len(set(names)):
-        missing = sorted(set(names) - {n.name for n in model.graph.node})
+    if done != len(wanted):
+        missing = sorted(wanted - {n.name for n in model.graph.node})
         raise ValueError(f"MatMul nodes not found: {missing}")
     used = {i for n in nodes for i in n.input}
     kept = [t for t in model.graph.initializer if t.name in used]

@@ -23,7 +23,6 @@ class InputAdmission:
             raise ValueError(f"limit must be >= 1, got {limit}")
         self.limit = limit
         self.in_flight = 0
-        self.refused = 0
 
     @contextmanager
     def admit(self, inputs: int) -> Iterator[None]:
@@ -33,7 +32,6 @@ class InputAdmission:
             GatewayError: OVERLOADED when the slots are not free (nothing is held then).
         """
         if self.in_flight + inputs > self.limit:
-            self.refused += 1
             raise GatewayError(
                 ErrorKind.OVERLOADED,
                 f"the server is overloaded: {self.in_flight} inputs in flight, this request adds {inputs} "

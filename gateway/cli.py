@@ -52,7 +52,7 @@ def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
         api_keys=keys,
         max_request_bytes=args.max_request_bytes,
         max_inputs=args.max_inputs,
-        max_pending_inputs=getattr(args, "max_pending_inputs", None),
+        max_pending_inputs=args.max_pending_inputs,
         request_timeout=args.request_timeout,
         model_dirs=tuple(args.model_dirs) if args.model_dirs else None,
         log_level=args.log_level,

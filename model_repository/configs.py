@@ -48,7 +48,8 @@ class ServingOptions:
     encoder_queue_delay_us: int = 0
     # 0 = no bound (the default). Any ``default_queue_policy`` (even just ``max_queue_size``) makes the
     # dynamic batcher of Triton 2.51 miss wake-ups: an idle model sometimes leaves a new request queued for
-    # its 500 ms default wait (measured: p99 546 ms and 60 instead of 191 requests/s at concurrency 1).
+    # its 500 ms default wait (MiniLM at concurrency 1: p99 532 ms and 71.7 instead of 169.4 requests/s;
+    # benchmarks/queue_policy.py, docs/serving.md).
     # Overload is refused by the gateway's admission limit instead; set this for gRPC-only deployments
     # that prefer fast UNAVAILABLE errors over that tail.
     max_queue_size: int = 0
@@ -106,7 +107,6 @@ def queue_block(options: ServingOptions, *, delay_us: int, preferred: bool) -> s
     if options.max_queue_size:
         policy = f"  default_queue_policy {{\n    timeout_action: REJECT\n    max_queue_size: {options.max_queue_size}\n  }}\n"
     return "dynamic_batching {\n" + pref + f"  max_queue_delay_microseconds: {delay_us}\n" + policy + "}"
-
 
 
 def tokenizer_outputs() -> tuple[TensorSpec, ...]:
