@@ -623,16 +623,9 @@ class Bench:
         from tritonembed.model_repository.configs import ServingOptions
         from tritonembed.spec import ModelSpec
 
-        import importlib.util
-
         entries = {"fp32": self.precision_entry(out["ours"], out["bare_ort"])}
         for precision in self.config.precisions:
             if precision == "fp32":
-                continue
-            if importlib.util.find_spec("tritonembed.export.quantize") is None:
-                entries[precision] = {"skipped": "tritonembed.export.quantize is not there yet (quantized exports "
-                                                 "unavailable in this checkout)"}
-                self.note(f"{case.key} {precision}: {entries[precision]['skipped']}")
                 continue
             try:
                 export_dir = self.export(case, precision)
