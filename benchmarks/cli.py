@@ -59,6 +59,14 @@ def register(sub) -> None:
                    help="batch-1 concurrency levels, e.g. 1,4,8")
     b.add_argument("--concurrency-b32", type=_ints, default=env_default("bench_concurrency_b32", None, _ints),
                    help="batch-32 concurrency levels, e.g. 1,2")
+    b.add_argument("--texts", type=int, default=env_default("bench_texts", None, int),
+                   help="texts in the mixed workload (also the paired rounds' bulk corpus)")
+    b.add_argument("--short-texts", type=int, default=env_default("bench_short_texts", None, int),
+                   help="texts in the short (STS-B sentences only) workload")
+    b.add_argument("--paired-rounds", type=int, default=env_default("bench_paired_rounds", None, int),
+                   help="rounds of the paired comparison (0: off)")
+    b.add_argument("--precision-models", type=_names, default=env_default("bench_precision_models", None, _names),
+                   help="models whose other precisions are exported and measured (default: minilm)")
     b.add_argument("--variants", type=_names, default=env_default("bench_variants", None, _names),
                    help="serving-option variants measured beside the defaults, comma-separated, each FIELD=VALUE "
                         "joined by '+', e.g. encoder_queue_delay_us=0,max_tokens_per_batch=2048 ('' for none)")
@@ -99,7 +107,8 @@ def bench_config(args: argparse.Namespace):
     for flag, key in (("models", "models"), ("precisions", "precisions"), ("threads", "threads"),
                       ("duration", "duration_s"), ("perf_ms", "perf_measurement_ms"), ("concurrency", "concurrency_b1"),
                       ("concurrency_b32", "concurrency_b32"), ("variants", "variants"),
-                      ("peer_engines", "peer_engines")):
+                      ("peer_engines", "peer_engines"), ("texts", "texts"), ("short_texts", "short_texts"),
+                      ("paired_rounds", "paired_rounds"), ("precision_models", "precision_models")):
         value = getattr(args, flag)
         if value is not None:
             overrides[key] = value
@@ -109,7 +118,7 @@ def bench_config(args: argparse.Namespace):
         overrides["peer"] = False
     if args.no_gateway:
         overrides["gateway"] = False
-    unknown = [m for m in overrides.get("models", ()) if m not in MODEL_CASES]
+    unknown = [m for m in overrides.get("models", ()) + overrides.get("precision_models", ()) if m not in MODEL_CASES]
     if unknown:
         raise SystemExit(f"unknown model(s) {unknown}; choose from {', '.join(MODEL_CASES)}")
     if args.smoke:

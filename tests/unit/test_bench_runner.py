@@ -62,7 +62,8 @@ def test_parse_variant():
     assert parse_variant("encoder_queue_delay_us=0+max_tokens_per_batch=2048") == {"encoder_queue_delay_us": 0,
                                                                            "max_tokens_per_batch": 2048}
     assert parse_variant("pad_to_buckets=false") == {"pad_to_buckets": False}
-    for bad in ("encoder_queue_delay_us", "nope=1", "encoder_queue_delay_us=x"):
+    assert parse_variant("intra_op_spinning=during_run") == {"intra_op_spinning": "during_run"}
+    for bad in ("encoder_queue_delay_us", "nope=1", "encoder_queue_delay_us=x", "pad_to_buckets=1"):
         with pytest.raises(ValueError):
             parse_variant(bad)
 
@@ -88,6 +89,15 @@ def test_cli_flags_override_the_preset():
     assert cfg.mode == "quick" and cfg.peer is False and cfg.models == ("minilm",)
     with pytest.raises(SystemExit):
         bench_config(_cli("--models", "gpt-5"))
+
+
+def test_workload_size_rounds_and_quantized_models_are_flags():
+    cfg = bench_config(_cli("--quick", "--models", "qwen3-0.6b", "--precision-models", "qwen3-0.6b", "--texts", "64",
+                            "--short-texts", "16", "--paired-rounds", "2", "--precisions", "fp32,int8"))
+    assert (cfg.models, cfg.precision_models, cfg.precisions) == (("qwen3-0.6b",), ("qwen3-0.6b",), ("fp32", "int8"))
+    assert (cfg.texts, cfg.short_texts, cfg.paired_rounds, cfg.mode) == (64, 16, 2, "quick")
+    with pytest.raises(SystemExit):
+        bench_config(_cli("--quick", "--precision-models", "gpt-5"))
 
 
 def _perf_row(workload, batch, conc, tps, p50, real, padded):
