@@ -166,23 +166,31 @@ def build_workloads(export_dir: Path, texts: int, short: int) -> dict[str, Workl
 
 
 def parse_variant(text: str) -> dict[str, Any]:
-    """``"encoder_queue_delay_us=0+max_tokens_per_batch=2048"`` -> ServingOptions overrides (ints, or true/false).
+    """``"encoder_queue_delay_us=0+max_tokens_per_batch=2048"`` -> ServingOptions overrides, each value read
+    as its field's type (int, true/false, or text).
 
     Raises:
-        ValueError: not ``field=value`` pairs, or a field ServingOptions does not have.
+        ValueError: not ``field=value`` pairs, a field ServingOptions does not have, or a value not of its type.
     """
     from dataclasses import fields
 
     from tritonembed.model_repository.configs import ServingOptions
 
-    known = {f.name for f in fields(ServingOptions)}
+    kinds = {f.name: str(f.type) for f in fields(ServingOptions)}
     out: dict[str, Any] = {}
     for part in text.split("+"):
         key, sep, raw = part.strip().partition("=")
-        if not sep or key not in known:
-            raise ValueError(f"bad serving variant {part!r}: expected FIELD=VALUE with FIELD in {sorted(known)}")
+        if not sep or key not in kinds:
+            raise ValueError(f"bad serving variant {part!r}: expected FIELD=VALUE with FIELD in {sorted(kinds)}")
         raw = raw.strip()
-        out[key] = raw.lower() == "true" if raw.lower() in ("true", "false") else int(raw)
+        if kinds[key] == "bool":
+            if raw.lower() not in ("true", "false"):
+                raise ValueError(f"bad serving variant {part!r}: {key} is true or false")
+            out[key] = raw.lower() == "true"
+        elif kinds[key] == "str":
+            out[key] = raw
+        else:
+            out[key] = int(raw)
     return out
 
 
@@ -640,7 +648,7 @@ class Bench:
                 options = ServingOptions(profile="cpu", intra_op_threads=self.config.threads)
                 ours = self.serve_and_measure(export_dir, spec, options, workloads, pdir / "triton", full=False,
                                               b32_only=True, torch_embed=torch_embed,
-                                              paired_bulk_rounds=3 if precision == "int8" and self.config.paired_rounds
+                                              paired_bulk_rounds=self.config.paired_rounds if precision == "int8"
                                               else 0)
             except TritonEmbedError as exc:
                 entries[precision] = {"skipped": f"measurement failed: {exc}"[:500]}

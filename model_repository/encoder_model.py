@@ -34,6 +34,11 @@ class TritonPythonModel:
         options.intra_op_num_threads = int(params.get("intra_op_threads", "0"))
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
+        spinning = params.get("intra_op_spinning", "during_run")
+        if spinning == "never":
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        elif spinning == "during_run":  # spin inside a run (cheap wake-ups between ops), stop when it returns
+            options.add_session_config_entry("session.force_spinning_stop", "1")
         self.session = ort.InferenceSession(str(directory / self.spec.onnx_file), options,
                                             providers=["CPUExecutionProvider"])
         self.counters = Counters(args["model_name"], {
@@ -42,8 +47,8 @@ class TritonPythonModel:
             "encoder_padded_tokens": "Tokens run through the encoder, padding included",
             "encoder_batches": "ONNX Runtime runs (micro-batches)",
         })
-        log.info("encoder %s ready (%s, %d intra-op threads, %d tokens per micro-batch)", self.spec.name,
-                 self.spec.precision, options.intra_op_num_threads, self.max_tokens)
+        log.info("encoder %s ready (%s, %d intra-op threads, spinning %s, %d tokens per micro-batch)",
+                 self.spec.name, self.spec.precision, options.intra_op_num_threads, spinning, self.max_tokens)
 
     def _run(self, input_ids, attention_mask):
         return self.session.run([ENCODER_EMBEDDING_NAME],

@@ -14,6 +14,7 @@ from pathlib import Path
 from tritonembed.cli import DEFAULT_MODEL, env_default
 from tritonembed.cache import cache_dir
 from tritonembed.errors import ServerError, SpecError
+from tritonembed.model_repository.configs import SPINNING_MODES, ServingOptions
 from tritonembed.spec import SPEC_FILENAME, ModelSpec
 
 log = logging.getLogger("tritonembed.serve")
@@ -51,14 +52,13 @@ def ensure_export(model: str, precision: str, max_length: int | None, name: str 
 
 
 def _serving_options(args: argparse.Namespace):
-    from tritonembed.model_repository.configs import ServingOptions
-
     if args.profile == "gpu":
         return ServingOptions(profile="gpu", max_texts_per_request=64, tokenizer_max_batch=256, encoder_max_batch=64,
                               encoder_instances=args.instances, tensorrt=args.tensorrt,
                               max_queue_size=args.max_queue_size)
     return ServingOptions(profile="cpu", encoder_instances=args.instances, max_queue_size=args.max_queue_size,
-                          intra_op_threads=args.threads or max(1, (os.cpu_count() or 1) // args.instances))
+                          intra_op_threads=args.threads or max(1, (os.cpu_count() or 1) // args.instances),
+                          intra_op_spinning=args.spinning)
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -70,6 +70,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", default=env_default("name"), help="served name (only with one model)")
     p.add_argument("--instances", type=int, default=env_default("instances", 1, int), help="encoder instances")
     p.add_argument("--threads", type=int, default=env_default("threads", 0, int), help="ONNX Runtime threads per CPU instance")
+    p.add_argument("--spinning", choices=SPINNING_MODES, default=env_default("spinning", ServingOptions.intra_op_spinning),
+                   help="CPU profile: when ONNX Runtime's threads busy-wait for work (default during_run: not after "
+                        "a run returns, so they leave the cores to the tokenizer and Triton)")
     p.add_argument("--tensorrt", action="store_true", default=env_default("tensorrt", False, bool),
                    help="GPU profile: use the TensorRT execution accelerator")
     p.add_argument("--max-queue-size", type=int, default=env_default("max_queue_size", 0, int),

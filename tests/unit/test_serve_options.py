@@ -1,0 +1,31 @@
+"""``tritonembed serve`` / ``repo`` flags reach the generated serving options."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from tritonembed.launcher_cli import _serving_options, register
+
+
+def _args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    return parser.parse_args(["serve", *argv])
+
+
+def test_cpu_defaults_spin_only_during_a_run_and_bound_no_queue():
+    options = _serving_options(_args())
+    assert options.profile == "cpu" and options.intra_op_spinning == "during_run" and options.max_queue_size == 0
+
+
+def test_flags_are_carried_into_the_options():
+    options = _serving_options(_args("--spinning", "never", "--max-queue-size", "32", "--threads", "1"))
+    assert (options.intra_op_spinning, options.max_queue_size, options.intra_op_threads) == ("never", 32, 1)
+
+
+def test_unknown_spinning_mode_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        _args("--spinning", "sometimes")
+    assert "invalid choice" in capsys.readouterr().err
