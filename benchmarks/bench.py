@@ -475,12 +475,18 @@ class Bench:
                             one(text)
                             lat.append((time.perf_counter() - t0) * 1e3)
                         row[f"{label}_short_p50_ms"] = round(st.percentile(lat, 50), 3)
-                row["ours_corpus_texts_per_s"] = timed(lambda: client.embed(corpus))
-                row["bare_ort_corpus_texts_per_s"] = timed(
-                    lambda: [bare(by_length[i:i + 32]) for i in range(0, len(by_length), 32)])
-                row["bare_ort_planned_corpus_texts_per_s"] = timed(lambda: bare_planned(corpus))
+                bulk_legs = [
+                    ("ours_corpus_texts_per_s", lambda: timed(lambda: client.embed(corpus))),
+                    ("bare_ort_corpus_texts_per_s", lambda: timed(
+                        lambda: [bare(by_length[i:i + 32]) for i in range(0, len(by_length), 32)])),
+                    ("bare_ort_planned_corpus_texts_per_s", lambda: timed(lambda: bare_planned(corpus))),
+                ]
                 if torch_embed is not None:
-                    row["torch_corpus_texts_per_s"] = round(len(corpus) / torch_embed.seconds(by_length, 32), 2)
+                    bulk_legs.append(("torch_corpus_texts_per_s",
+                                      lambda: round(len(corpus) / torch_embed.seconds(by_length, 32), 2)))
+                for key, leg in rotated(bulk_legs, k):  # no leg always runs first or right after another
+                    row[key] = leg()
+                row["bulk_order"] = [key for key, _ in rotated(bulk_legs, k)]
                 row["load_1min"] = round(load_average()[0], 2)
                 out_rounds.append(row)
                 log.info("paired round: %s", row)
@@ -684,6 +690,12 @@ class Bench:
                 out[key] = {"skipped": str(exc)[-1500:]}
                 self.note(f"{case.key}: peer {key} skipped: {str(exc).splitlines()[0]}")
         return out
+
+
+def rotated(items: Sequence[Any], k: int) -> list[Any]:
+    """``items`` started at position ``k`` (modulo its length): round ``k``'s order of the paired legs."""
+    shift = k % len(items) if items else 0
+    return list(items[shift:]) + list(items[:shift])
 
 
 def openai_http_call(url: str, model: str) -> Callable[[], Any]:

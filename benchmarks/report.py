@@ -155,8 +155,9 @@ def paired_section(model: dict[str, Any]) -> list[str]:
         f"through bare ORT; then a corpus of {paired['corpus_texts']} mixed texts ({paired['corpus_tokens']} tokens) "
         "embedded in bulk by `EmbeddingClient.embed(corpus)`, by bare ORT in length-sorted batches of 32, by bare ORT "
         "over the micro-batches of the served planner (same grouping as the server: the strict ceiling) and by "
-        "PyTorch in length-sorted batches of 32. Alternating cancels slow swings of load from other work on the "
-        "machine; each ratio is taken within a round.", "",
+        "PyTorch in length-sorted batches of 32; the four bulk legs start one place later in each round, so none "
+        "always runs first or right after the same leg. Alternating cancels slow swings of load from other work on "
+        "the machine; each ratio is taken within a round.", "",
         *paired_table(paired),
     ]
     int8 = ((model.get("precisions") or {}).get("int8") or {}).get("paired")

@@ -250,3 +250,13 @@ def test_paired_medians_are_taken_per_round_and_feed_the_goals():
     assert goals["paired: bulk throughput vs bare ORT running the served planner (strict ceiling)"]["met"] is True
     assert goals["paired: bulk throughput vs PyTorch (alternated rounds)"]["met"] is True
     assert goals["paired: our int8 vs PyTorch fp32, bulk (alternated rounds)"]["measured"] == 3.6
+
+
+def test_paired_legs_rotate_so_each_runs_first_in_turn():
+    from tritonembed.benchmarks.bench import rotated
+
+    legs = ["ours", "sorted", "planned", "torch"]
+    orders = [rotated(legs, k) for k in range(5)]
+    assert orders[0] == legs and orders[1] == ["sorted", "planned", "torch", "ours"] and orders[4] == legs
+    assert {o[0] for o in orders[:4]} == set(legs) and all(sorted(o) == sorted(legs) for o in orders)
+    assert rotated([], 3) == []
