@@ -6,6 +6,7 @@ servers run side by side (an idle server costs next to nothing); each round meas
 back, in alternating order, so slow swings of load on a shared machine hit both alike:
 
 - one short text at a time through perf_analyzer (C++ gRPC client): p50 and p99;
+- single mixed-length texts from 8 concurrent perf_analyzer streams: texts/s;
 - the mixed workload embedded in bulk through ``EmbeddingClient.embed`` (texts/s).
 
 B / A is taken within each round; the medians are the verdict.
@@ -34,7 +35,8 @@ log = logging.getLogger("tritonembed.benchmarks.serving_ab")
 
 def measure_once(server: Any, spec: Any, short: Sequence[str], corpus: Sequence[str], workdir: Path,
                  requests: int) -> dict[str, float]:
-    """Short-text p50/p99 (perf_analyzer, concurrency 1) and bulk texts/s (``EmbeddingClient.embed``).
+    """Short-text p50/p99 (perf_analyzer, concurrency 1), many single-text requests (perf_analyzer, the
+    mixed texts at concurrency 8: texts/s) and bulk texts/s (``EmbeddingClient.embed``).
 
     Raises:
         PerfAnalyzerError: perf_analyzer fails. TritonEmbedError: the server refuses the bulk request.
@@ -42,14 +44,17 @@ def measure_once(server: Any, spec: Any, short: Sequence[str], corpus: Sequence[
     from tritonembed.benchmarks.perf_analyzer import run_perf_analyzer
     from tritonembed.client import EmbeddingClient
 
-    [row] = run_perf_analyzer(spec.name, server.grpc_url, workdir, concurrency="1:1:1", texts=list(short),
+    [row] = run_perf_analyzer(spec.name, server.grpc_url, workdir / "short", concurrency="1:1:1", texts=list(short),
                               request_count=requests, max_trials=3)
+    [many] = run_perf_analyzer(spec.name, server.grpc_url, workdir / "c8", concurrency="8:8:1", texts=list(corpus),
+                               request_count=requests, max_trials=3)
     with EmbeddingClient(server.grpc_url, model=spec.name) as client:
         client.embed(list(corpus[:2]))  # connect outside the timed call
         started = time.perf_counter()
         client.embed(list(corpus))
         seconds = time.perf_counter() - started
-    return {"short_p50_ms": row.p50_ms, "short_p99_ms": row.p99_ms, "bulk_texts_per_s": round(len(corpus) / seconds, 2)}
+    return {"short_p50_ms": row.p50_ms, "short_p99_ms": row.p99_ms, "c8_texts_per_s": round(many.texts_per_s, 2),
+            "bulk_texts_per_s": round(len(corpus) / seconds, 2)}
 
 
 def compare(export_dir: Path, variants: dict[str, str], *, rounds: int, threads: int, texts: int, requests: int,
@@ -104,6 +109,8 @@ def summarize(rows: Sequence[dict[str, Any]], labels: Sequence[str]) -> dict[str
     return {
         "short_p50_ms_b_minus_a": round(statistics.median(y["short_p50_ms"] - x["short_p50_ms"] for x, y in pairs), 3),
         "short_p99_ms_b_over_a": round(statistics.median(y["short_p99_ms"] / x["short_p99_ms"] for x, y in pairs), 3),
+        "c8_texts_per_s_b_over_a": round(statistics.median(y["c8_texts_per_s"] / x["c8_texts_per_s"]
+                                                           for x, y in pairs), 3),
         "bulk_texts_per_s_b_over_a": round(statistics.median(y["bulk_texts_per_s"] / x["bulk_texts_per_s"]
                                                              for x, y in pairs), 3),
         "rounds": len(pairs),
@@ -127,9 +134,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = compare(args.export_dir, variants, rounds=args.rounds, threads=args.threads, texts=args.texts,
                          requests=args.requests, workdir=Path(tmp))
     print(f"A = {args.a or '(defaults)'}; B = {args.b}")
-    print(table(["round", "variant", "short p50 ms", "short p99 ms", "bulk texts/s"],
+    print(table(["round", "variant", "short p50 ms", "short p99 ms", "texts/s, 8 streams", "bulk texts/s"],
                 [[r["round"], r["variant"], f"{r['short_p50_ms']:.2f}", f"{r['short_p99_ms']:.2f}",
-                  f"{r['bulk_texts_per_s']:.1f}"] for r in result["rows"]]))
+                  f"{r['c8_texts_per_s']:.1f}", f"{r['bulk_texts_per_s']:.1f}"] for r in result["rows"]]))
     print(json.dumps(result["summary"]))
     if args.output:
         args.output.write_text(json.dumps(result, indent=2))

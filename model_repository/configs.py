@@ -60,9 +60,9 @@ class ServingOptions:
     # CPU profile: when ONNX Runtime's intra-op threads busy-wait for work (SPINNING_MODES). "always" is
     # ONNX Runtime's default: they also spin for a while after each run (~30 ms of CPU here), competing for
     # the cores with the tokenizer and Triton's own threads. "during_run" stops them when a run returns;
-    # "never" never spins. Same-run A/B on 2 cores (benchmarks/serving_ab.py, 6 alternated rounds each):
-    # "during_run" vs "always": bulk +6.9 % (MiniLM) / +2.3 % (Qwen3 shape), short-text p99 -10 % / -17 %,
-    # p50 +0.15 ms; "never": p50 +1.0 ms, p99 -23 %, bulk +1.5 %.
+    # "never" never spins. Same-run A/B on 2 cores (benchmarks/serving_ab.py, alternated rounds; docs/serving.md):
+    # "during_run" vs "always": bulk +1.6..+6.9 %, 8 streams +4.9 %, short-text p99 -10..-17 %, p50 +0.08..0.15 ms;
+    # "never": p50 +1.0 ms, p99 -23 %, bulk +1.5 %.
     intra_op_spinning: str = "during_run"
     # CPU profile: the encoder regroups rows of all queued requests by length and runs micro-batches of
     # at most this many tokens (padded), which bounds memory for long inputs.
