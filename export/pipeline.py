@@ -33,8 +33,8 @@ log = logging.getLogger(__name__)
 REPORT_FILENAME = "report.json"
 # Bumped whenever the same arguments start producing a different export (a new quantization method, a
 # graph change): caches keyed on it (``tritonembed serve``) then re-export instead of serving stale files.
-# 2: int8 with per-token activation scales.
-EXPORT_REVISION = 2
+# 2: int8 with per-token activation scales. 3: int8 embedding tables as 8-bit blocks.
+EXPORT_REVISION = 3
 # Quality targets on STS-B (Spearman x100 drop versus FP32, real-weight models only).
 STSB_MAX_DROP = {"fp16": 0.1, "int8": 0.5, "int4": 2.0}
 # Floors on the probe set versus the FP32 export: below these a quantized export is broken, not just lossy.

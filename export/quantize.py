@@ -12,8 +12,10 @@ FP32 out. Measured quality and the reasons for each default are in ``docs/quanti
   CPUs without VNNI), activations uint8 with one scale **per token** (:mod:`.int8_pertoken`), so an
   embedding does not depend on the rest of its batch; the FFN down projection of the first
   ``int8_fp32_down_layers`` layers stays float32 (its input carries the largest activation outliers).
-  ``int8_activation_scales="tensor"`` is ONNX Runtime's ``quantize_dynamic`` instead (one scale per
-  MatMul input over the whole batch: ~10 % faster, not batch-invariant).
+  The embedding table(s) become 8-bit blocks (:mod:`.embedding_int8`, ``GatherBlockQuantized``): for
+  Qwen3 that table is most of the file. ``int8_activation_scales="tensor"`` is ONNX Runtime's
+  ``quantize_dynamic`` instead (one scale per MatMul input over the whole batch: ~10 % faster, not
+  batch-invariant; tables stay float32).
 * ``int4`` (memory) -- weight-only ``MatMulNBits``: 4-bit blockwise (``block_size``, asymmetric, RTN
   or HQQ) for every MatMul weight except the last ``int4_8bit_last_layers`` transformer layers, which
   get 8-bit ``MatMulNBits``; the embedding table(s) become 4-bit ``GatherBlockQuantized`` (opset 21).
@@ -44,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tritonembed.errors import ExportError, ValidationError
-from tritonembed.export import int8_pertoken
+from tritonembed.export import embedding_int8, int8_pertoken
 
 if TYPE_CHECKING:  # pragma: no cover
     import onnx
@@ -150,6 +152,7 @@ def quantize_onnx(
     int8_per_channel: bool = True,
     int8_reduce_range: bool = True,
     int8_activation_scales: str = "token",
+    int8_embeddings: bool = True,
     external_data: bool | None = None,
 ) -> QuantizationResult:
     """Write a ``precision`` variant of the FP32 encoder ``fp32_model`` to ``output``.
@@ -169,6 +172,8 @@ def quantize_onnx(
         int8_reduce_range: 7-bit weights (avoids int16 saturation on CPUs without VNNI).
         int8_activation_scales: ``token`` (one scale per token; batch-invariant) or ``tensor``
             (``quantize_dynamic``: one per MatMul input; per-channel weights then follow ``int8_per_channel``).
+        int8_embeddings: with ``token`` scales, also store the embedding tables as 8-bit blocks of
+            ``block_size`` (``GatherBlockQuantized``; see ``embedding_int8``).
         external_data: force (True) or forbid (False) external data; None decides by size.
 
     Raises:
@@ -200,6 +205,7 @@ def quantize_onnx(
             model, method, settings = _to_int8(
                 src, fp32_down_layers=int8_fp32_down_layers, per_channel=int8_per_channel,
                 reduce_range=int8_reduce_range, activation_scales=int8_activation_scales,
+                embeddings=int8_embeddings, block_size=block_size,
             )
         else:
             model, method, settings = _to_int4(
@@ -316,7 +322,6 @@ def _load(path: Path, *, min_opset: int | None = None) -> onnx.ModelProto:
     references survive onnx's version converter, and the data is read afterwards.
     """
     import onnx
-    from onnx.external_data_helper import load_external_data_for_model
 
     model = onnx.load(str(path), load_external_data=False)
     if min_opset is not None and _opset(model) < min_opset:
@@ -326,8 +331,41 @@ def _load(path: Path, *, min_opset: int | None = None) -> onnx.ModelProto:
         model = version_converter.convert_version(model, min_opset)
         if min_opset >= 21 and model.ir_version < 10:  # opset 21 (int4 types) needs IR 10
             model.ir_version = 10
-    load_external_data_for_model(model, str(path.parent))
+    _read_external_data(model, path.parent)
     return model
+
+
+def _read_external_data(model: onnx.ModelProto, base_dir: Path) -> None:
+    """Read every external tensor's bytes into the model (``onnx``'s own loader, minus its hard-link check).
+
+    ``onnx.load`` refuses a data file with more than one hard link ("potential hardlink attack"), and
+    the repository builder hard-links exported files into Triton repositories, so a served export
+    could not be quantized again. The locations must stay inside ``base_dir``.
+
+    Raises:
+        QuantizationError: a location outside ``base_dir``, or a file shorter than its tensors.
+    """
+    import onnx
+    from onnx.external_data_helper import load_external_data_for_model
+
+    root = base_dir.resolve()
+    for tensor in model.graph.initializer:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {entry.key: entry.value for entry in tensor.external_data}
+        location = (root / info["location"]).resolve()
+        if root not in location.parents:
+            raise QuantizationError(f"tensor {tensor.name}: external data {info['location']!r} is outside {root}")
+        offset, length = int(info.get("offset", 0)), info.get("length")
+        with open(location, "rb") as f:
+            f.seek(offset)
+            data = f.read() if length is None else f.read(int(length))
+        if length is not None and len(data) != int(length):
+            raise QuantizationError(f"tensor {tensor.name}: {location} holds {len(data)} of {length} bytes")
+        tensor.raw_data = data
+        tensor.data_location = onnx.TensorProto.DEFAULT
+        del tensor.external_data[:]
+    load_external_data_for_model(model, str(base_dir))  # anything left (tensors in attributes): onnx's loader
 
 
 def _tensor_bytes(model: onnx.ModelProto) -> int:
@@ -500,6 +538,7 @@ def _to_fp16(src: Path) -> tuple[onnx.ModelProto, str, dict[str, Any]]:
 
 def _to_int8(
     src: Path, *, fp32_down_layers: int, per_channel: bool, reduce_range: bool, activation_scales: str = "token",
+    embeddings: bool = True, block_size: int = 32,
 ) -> tuple[onnx.ModelProto, str, dict[str, Any]]:
     model = _load(src, min_opset=int8_pertoken.MIN_OPSET if activation_scales == "token" else None)
     _name_nodes(model)
@@ -512,6 +551,8 @@ def _to_int8(
         bits = 7 if reduce_range else 8
         targets = [m.name for m in matmuls if m.name not in excluded]
         int8_pertoken.rewrite_matmuls(model, targets, weight_bits=bits)
+        tables = embedding_int8.rewrite_gathers(model, _embedding_gathers(model)[0], block_size=block_size) \
+            if embeddings else []
         settings = {
             "quantizer": "tritonembed.export.int8_pertoken",
             "activation_scales": "token",
@@ -521,8 +562,13 @@ def _to_int8(
             "nodes_to_exclude": excluded,
             "quantized_matmuls": len(targets),
             "layers_found": len(layers),
+            "embedding_tables_8bit": tables,
+            "embedding_block_size": block_size,
         }
-        return model, int8_pertoken.describe(excluded, bits), settings
+        method = int8_pertoken.describe(excluded, bits)
+        if tables:
+            method += f"; embedding tables 8-bit GatherBlockQuantized (block {block_size})"
+        return model, method, settings
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     with tempfile.TemporaryDirectory(prefix="tritonembed-int8-") as tmp:

@@ -7,6 +7,7 @@ int8 min cos 0.977, int4 min cos 0.930; STS-B en Spearman drop <= 0.1 for every 
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -37,7 +38,7 @@ PRECISIONS = ("fp16", "int8", "int4")
 # precision -> (min cosine, mean cosine) vs fp32 on the probe sentences
 COSINE_FLOOR = {"fp16": (0.999, 0.9999), "int8": (0.95, 0.985), "int4": (0.88, 0.965)}
 SPEARMAN_MAX_DROP = {"fp16": 0.1, "int8": 0.5, "int4": 2.0}  # points, STS-B en
-SIZE_MAX_RATIO = {"fp16": 0.55, "int8": 0.72, "int4": 0.22}  # vs fp32 on disk
+SIZE_MAX_RATIO = {"fp16": 0.55, "int8": 0.33, "int4": 0.22}  # vs fp32 on disk (int8: tables are 8-bit too)
 PROBE = [
     "A man is playing a guitar.",
     "The quick brown fox jumps over the lazy dog near the riverbank at dawn.",
@@ -247,6 +248,10 @@ def test_minilm_int8_structure(minilm_quantized: dict[str, QuantizationResult]) 
     assert _const_weight_matmuls(model) == ["/m/encoder/layer.0/output/dense/MatMul"]
     assert result.settings["layers_found"] == 6 and result.settings["activation_scales"] == "token"
     assert result.settings["weight_bits"] == 7
+    # word, position and token-type tables as 8-bit blocks
+    assert counts.get("GatherBlockQuantized") == 3 and len(result.settings["embedding_tables_8bit"]) == 3
+    bits = {a.i for n in model.graph.node if n.op_type == "GatherBlockQuantized" for a in n.attribute if a.name == "bits"}
+    assert bits == {8}
 
 
 def _batch_dependence(path: Path, texts: list[str], tokenizer) -> float:
@@ -369,6 +374,7 @@ def test_tiny_qwen3_quantizes(qwen3_fp32: Path, tmp_path: Path, precision: str, 
     counts = result.node_counts
     if precision == "int8":
         assert counts.get("MatMulIntegerToFloat") == 13  # 2 layers x 7, the first down_proj kept float
+        assert result.settings["embedding_tables_8bit"] == ["/m/embed_tokens/Gather"]
     if precision == "int4":
         assert counts.get("MatMulNBits") == 14 and counts.get("GatherBlockQuantized") == 1
         assert result.settings["embedding_tables_4bit"] == ["/m/embed_tokens/Gather"]
@@ -424,3 +430,21 @@ def test_check_finite() -> None:
     with pytest.raises(ValidationError):
         check_finite({"embedding": np.zeros((2, 4))}, unit_norm=True)
     check_finite({"embedding": np.zeros((2, 4))})  # finite and not asked about norms
+
+
+def test_a_hard_linked_export_can_be_quantized_again(tmp_path: Path) -> None:
+    """Served exports are hard-linked into Triton repositories; onnx.load refuses such data files."""
+    rng = np.random.default_rng(0)
+    weight = onnx.numpy_helper.from_array(rng.normal(size=(64, 32)).astype(np.float32), "w")
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [None, 64])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [None, 32])], [weight])
+    src = tmp_path / "export" / "model.onnx"
+    src.parent.mkdir()
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]), str(src),
+              save_as_external_data=True, all_tensors_to_one_file=True, location="model.onnx_data", size_threshold=0)
+    (tmp_path / "repo").mkdir()
+    os.link(src.parent / "model.onnx_data", tmp_path / "repo" / "model.onnx_data")  # what the repository does
+    result = quantize_onnx(src, tmp_path / "int4" / "model.onnx", "int4")
+    assert result.node_counts.get("MatMulNBits") == 1
