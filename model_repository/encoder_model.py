@@ -7,6 +7,7 @@ by length into micro-batches of at most ``max_tokens_per_batch`` padded tokens.
 
 from __future__ import annotations
 
+from tritonembed.model_repository.configs import SPINNING_MODES
 from tritonembed.model_repository.stages import encode_requests
 from tritonembed.model_repository.triton_adapter import (
     Counters,
@@ -25,16 +26,18 @@ class TritonPythonModel:
 
         import onnxruntime as ort
 
+        params = model_parameters(args)
+        spinning = params.get("intra_op_spinning", "during_run")
+        if spinning not in SPINNING_MODES:  # a hand-edited config: fail the load, do not guess
+            raise ValueError(f"parameter intra_op_spinning must be one of {SPINNING_MODES}, got {spinning!r}")
         directory = version_dir(args)
         self.spec = ModelSpec.load(directory)
-        params = model_parameters(args)
         self.max_tokens = int(params.get("max_tokens_per_batch", "16384"))
         self.max_rows = int(json.loads(args["model_config"]).get("max_batch_size", 256))
         options = ort.SessionOptions()
         options.intra_op_num_threads = int(params.get("intra_op_threads", "0"))
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
-        spinning = params.get("intra_op_spinning", "during_run")
         if spinning == "never":
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         elif spinning == "during_run":  # spin inside a run (cheap wake-ups between ops), stop when it returns

@@ -112,3 +112,15 @@ def test_options_are_checked():
         ServingOptions(profile="tpu")
     with pytest.raises(ValueError):
         ServingOptions(max_texts_per_request=512, encoder_max_batch=64)
+
+
+def test_cpu_encoder_refuses_an_unknown_spinning_mode_at_load(tmp_path):
+    """A hand-edited config.pbtxt with a bad value fails the model load instead of running with a guess."""
+    import json
+
+    from tritonembed.model_repository.encoder_model import TritonPythonModel
+
+    args = {"model_repository": str(tmp_path), "model_version": "1", "model_name": "m_encoder",
+            "model_config": json.dumps({"parameters": {"intra_op_spinning": {"string_value": "sometimes"}}})}
+    with pytest.raises(ValueError, match="intra_op_spinning"):
+        TritonPythonModel().initialize(args)
