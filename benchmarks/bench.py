@@ -216,6 +216,7 @@ class ServerProbe:
         self.spec = spec
 
     def snapshot(self) -> dict[str, dict[str, float]]:
+        time.sleep(0.05)  # the models publish their counters from a thread, a few ms after the last response
         counters = st.encoder_counters(http_get(self.server.metrics_url), self.spec.encoder_model_name)
         out = {"counters": counters}
         for role, name in (("ensemble", self.spec.name), ("tokenizer", self.spec.tokenizer_model_name),

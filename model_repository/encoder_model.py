@@ -46,8 +46,8 @@ class TritonPythonModel:
                                             providers=["CPUExecutionProvider"])
         self.counters = Counters(args["model_name"], {
             "encoder_rows": "Texts encoded",
+            "encoder_padded_tokens": "Tokens run through the encoder, padding included",  # before real: real <= padded
             "encoder_real_tokens": "Real tokens encoded",
-            "encoder_padded_tokens": "Tokens run through the encoder, padding included",
             "encoder_batches": "ONNX Runtime runs (micro-batches)",
         })
         log.info("encoder %s ready (%s, %d intra-op threads, spinning %s, %d tokens per micro-batch)",
@@ -75,4 +75,6 @@ class TritonPythonModel:
                 for out in outputs]
 
     def finalize(self):
+        if hasattr(self, "counters"):
+            self.counters.flush()
         self.session = None

@@ -26,8 +26,8 @@ class TritonPythonModel:
         self.tokenizer = SpecTokenizer(directory / self.spec.tokenizer_file, self.spec)
         self.pad_to_buckets = model_parameters(args).get("pad_to_buckets", "true") == "true"
         self.counters = Counters(args["model_name"], {
+            "tokenizer_padded_tokens": "Tokens sent to the encoder, padding included",  # before real: real <= padded
             "tokenizer_real_tokens": "Tokens of the texts (specials included) after truncation",
-            "tokenizer_padded_tokens": "Tokens sent to the encoder, padding included",
             "tokenizer_rejected_requests": "Requests refused for invalid input",
         })
         log.info("tokenizer for %s ready (max_length %d)", self.spec.name, self.spec.max_length)
@@ -64,4 +64,6 @@ class TritonPythonModel:
         return responses
 
     def finalize(self):
+        if hasattr(self, "counters"):
+            self.counters.flush()
         log.info("tokenizer for %s unloaded", getattr(self, "spec", None) and self.spec.name)

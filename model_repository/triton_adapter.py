@@ -44,11 +44,23 @@ def optional_input(request, name: str):
 
 
 class Counters:
-    """Prometheus counters published on Triton's metrics endpoint (no-ops where unsupported)."""
+    """Prometheus counters published on Triton's metrics endpoint (no-ops where unsupported).
+
+    Each ``Metric.increment`` is an IPC round trip from the stub to tritonserver (~70 µs measured on
+    the 2-core VM), and a short request used to make six of them on its critical path. So :meth:`add`
+    only sums into a pending table, and a daemon thread publishes the sums (one increment per counter
+    per wake-up, however many requests came in between) right after the request's own work. Readers
+    see the totals a few milliseconds late; counters are published in the order they were declared.
+    """
 
     def __init__(self, model_name: str, names: dict[str, str]) -> None:
+        import threading
+
         self._metrics: dict[str, Any] = {}
         self._families: list[Any] = []  # must outlive their Metric objects
+        self._pending: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
         family_cls = getattr(pb_utils, "MetricFamily", None)
         if family_cls is None:
             return
@@ -56,8 +68,28 @@ class Counters:
             family = family_cls(name=f"tritonembed_{key}", description=description, kind=family_cls.COUNTER)
             self._families.append(family)
             self._metrics[key] = family.Metric(labels={"model": model_name})
+        threading.Thread(target=self._publish_forever, name=f"{model_name}-counters", daemon=True).start()
 
     def add(self, key: str, value: float) -> None:
-        metric = self._metrics.get(key)
-        if metric is not None and value:
-            metric.increment(float(value))
+        if key not in self._metrics or not value:
+            return
+        with self._lock:
+            self._pending[key] = self._pending.get(key, 0.0) + float(value)
+        self._wake.set()
+
+    def flush(self) -> None:
+        """Publish what is pending now (the thread calls this; so may ``finalize``)."""
+        with self._lock:
+            pending, self._pending = self._pending, {}
+        for key in self._metrics:  # declaration order: a padded total is published before its real total
+            if key in pending:
+                try:
+                    self._metrics[key].increment(pending[key])
+                except Exception:  # a metric that cannot be published must not stop the others
+                    log.exception("could not publish counter %s", key)
+
+    def _publish_forever(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            self.flush()

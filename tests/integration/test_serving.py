@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 import re
+import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
@@ -188,11 +189,18 @@ def test_bad_requests_fail_alone_while_others_succeed(triton, grpc):
 def test_metrics_report_padding_and_batches(triton, grpc):
     spec = triton.specs["minilm"]
     embed(grpc, grpcclient, spec.name, TEXTS)
-    with urllib.request.urlopen(triton.metrics_url, timeout=10) as resp:
-        text = resp.read().decode()
+
     def total(name):
         pattern = rf'^{name}{{model="{re.escape(spec.encoder_model_name)}"}} ([0-9.e+]+)$'
         return float(re.search(pattern, text, re.M).group(1))
+
+    deadline = time.monotonic() + 5  # counters are published from a thread, a few ms after the response
+    while True:
+        with urllib.request.urlopen(triton.metrics_url, timeout=10) as resp:
+            text = resp.read().decode()
+        if total("tritonembed_encoder_rows") >= len(TEXTS) or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     real, padded = total("tritonembed_encoder_real_tokens"), total("tritonembed_encoder_padded_tokens")
     assert 0 < real <= padded
     assert total("tritonembed_encoder_rows") >= len(TEXTS)
