@@ -485,9 +485,10 @@ class Bench:
                 if torch_embed is not None:
                     bulk_legs.append(("torch_corpus_texts_per_s",
                                       lambda: round(len(corpus) / torch_embed.seconds(by_length, 32), 2)))
-                for key, leg in rotated(bulk_legs, k):  # no leg always runs first or right after another
+                order = rotated(bulk_legs, k)  # no leg always runs first or right after another
+                for key, leg in order:
                     row[key] = leg()
-                row["bulk_order"] = [key for key, _ in rotated(bulk_legs, k)]
+                row["bulk_order"] = [key for key, _ in order]
                 row["load_1min"] = round(load_average()[0], 2)
                 out_rounds.append(row)
                 log.info("paired round: %s", row)

@@ -30,6 +30,17 @@ from tritonembed.spec import (
 
 PROFILES = ("cpu", "gpu")
 SPINNING_MODES = ("always", "during_run", "never")
+
+
+def checked_spinning(mode: str) -> str:
+    """``mode`` if it is one of SPINNING_MODES.
+
+    Raises:
+        ValueError: any other value (a typo in a flag or a hand-edited config.pbtxt).
+    """
+    if mode not in SPINNING_MODES:
+        raise ValueError(f"intra_op_spinning must be one of {SPINNING_MODES}, got {mode!r}")
+    return mode
 # Internal tensor names between the ensemble's steps.
 _IDS, _MASK = "_input_ids", "_attention_mask"
 
@@ -75,8 +86,7 @@ class ServingOptions:
     def __post_init__(self) -> None:
         if self.profile not in PROFILES:
             raise ValueError(f"profile must be one of {PROFILES}, got {self.profile!r}")
-        if self.intra_op_spinning not in SPINNING_MODES:
-            raise ValueError(f"intra_op_spinning must be one of {SPINNING_MODES}, got {self.intra_op_spinning!r}")
+        checked_spinning(self.intra_op_spinning)
         if self.max_queue_size < 0:
             raise ValueError(f"max_queue_size must be >= 0 (0: unbounded), got {self.max_queue_size}")
         if not 0 < self.max_texts_per_request <= min(self.tokenizer_max_batch, self.encoder_max_batch):

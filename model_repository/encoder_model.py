@@ -7,7 +7,7 @@ by length into micro-batches of at most ``max_tokens_per_batch`` padded tokens.
 
 from __future__ import annotations
 
-from tritonembed.model_repository.configs import SPINNING_MODES
+from tritonembed.model_repository.configs import ServingOptions, checked_spinning
 from tritonembed.model_repository.stages import encode_requests
 from tritonembed.model_repository.triton_adapter import (
     Counters,
@@ -27,9 +27,8 @@ class TritonPythonModel:
         import onnxruntime as ort
 
         params = model_parameters(args)
-        spinning = params.get("intra_op_spinning", "during_run")
-        if spinning not in SPINNING_MODES:  # a hand-edited config: fail the load, do not guess
-            raise ValueError(f"parameter intra_op_spinning must be one of {SPINNING_MODES}, got {spinning!r}")
+        # a hand-edited config with a bad value fails the load instead of running with a guess
+        spinning = checked_spinning(params.get("intra_op_spinning", ServingOptions.intra_op_spinning))
         directory = version_dir(args)
         self.spec = ModelSpec.load(directory)
         self.max_tokens = int(params.get("max_tokens_per_batch", "16384"))
