@@ -216,7 +216,7 @@ class ServerProbe:
         self.spec = spec
 
     def snapshot(self) -> dict[str, dict[str, float]]:
-        time.sleep(0.05)  # the models publish their counters from a thread, a few ms after the last response
+        time.sleep(0.1)  # the models publish their counters once idle for Counters.QUIET_S (20 ms) after the last request
         counters = st.encoder_counters(http_get(self.server.metrics_url), self.spec.encoder_model_name)
         out = {"counters": counters}
         for role, name in (("ensemble", self.spec.name), ("tokenizer", self.spec.tokenizer_model_name),

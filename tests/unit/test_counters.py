@@ -5,6 +5,8 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
+
 from tritonembed.model_repository import triton_adapter
 
 
@@ -71,3 +73,29 @@ def test_without_the_triton_stub_counters_are_no_ops(monkeypatch):
     counters = triton_adapter.Counters("m", {"real": "r"})
     counters.add("real", 5)
     counters.flush()
+
+
+def test_publishing_waits_for_a_quiet_model_but_not_forever():
+    wait = triton_adapter.seconds_until_publish
+    # a request 5 ms ago: wait for 20 ms of quiet
+    assert wait(now=10.0, first_add=9.9, last_add=9.995, quiet_s=0.02, max_delay_s=1.0) == pytest.approx(0.015)
+    # quiet long enough: publish now
+    assert wait(now=10.0, first_add=9.9, last_add=9.97, quiet_s=0.02, max_delay_s=1.0) <= 0
+    # steady load (a request every few ms) never goes quiet: publish once max_delay_s has passed
+    assert wait(now=10.0, first_add=9.5, last_add=9.999, quiet_s=0.02, max_delay_s=1.0) == pytest.approx(0.019)
+    assert wait(now=10.0, first_add=9.0, last_add=9.999, quiet_s=0.02, max_delay_s=1.0) <= 0
+
+
+def test_the_publisher_waits_until_adds_stop(monkeypatch):
+    monkeypatch.setattr(triton_adapter, "pb_utils", _FakeUtils)
+    monkeypatch.setattr(triton_adapter.Counters, "QUIET_S", 0.5)
+    _FakeFamily.published = []
+    counters = triton_adapter.Counters("m", {"real": "r"})
+    counters.add("real", 1.0)
+    counters.add("real", 1.0)
+    time.sleep(0.05)  # well inside the quiet period
+    assert _FakeFamily.published == []
+    deadline = time.monotonic() + 5
+    while not _FakeFamily.published and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert _FakeFamily.published == [("tritonembed_real", 2.0)]
