@@ -31,7 +31,7 @@ class TritonPythonModel:
         spinning = checked_spinning(params.get("intra_op_spinning", ServingOptions.intra_op_spinning))
         directory = version_dir(args)
         self.spec = ModelSpec.load(directory)
-        self.max_tokens = int(params.get("max_tokens_per_batch", "16384"))
+        self.max_tokens = int(params.get("max_tokens_per_batch", ServingOptions.max_tokens_per_batch))
         self.max_rows = int(json.loads(args["model_config"]).get("max_batch_size", 256))
         options = ort.SessionOptions()
         options.intra_op_num_threads = int(params.get("intra_op_threads", "0"))

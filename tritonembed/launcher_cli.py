@@ -58,7 +58,7 @@ def _serving_options(args: argparse.Namespace):
                               max_queue_size=args.max_queue_size)
     return ServingOptions(profile="cpu", encoder_instances=args.instances, max_queue_size=args.max_queue_size,
                           intra_op_threads=args.threads or max(1, (os.cpu_count() or 1) // args.instances),
-                          intra_op_spinning=args.spinning)
+                          intra_op_spinning=args.spinning, max_tokens_per_batch=args.max_tokens_per_batch)
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -73,6 +73,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--spinning", choices=SPINNING_MODES, default=env_default("spinning", ServingOptions.intra_op_spinning),
                    help="CPU profile: when ONNX Runtime's threads busy-wait for work (default during_run: not after "
                         "a run returns, so they leave the cores to the tokenizer and Triton)")
+    p.add_argument("--max-tokens-per-batch", type=int,
+                   default=env_default("max_tokens_per_batch", ServingOptions.max_tokens_per_batch, int),
+                   help="CPU profile: padded tokens per ONNX Runtime run of the encoder's micro-batches (default "
+                        f"{ServingOptions.max_tokens_per_batch}: small enough for the activations to stay in cache)")
     p.add_argument("--tensorrt", action="store_true", default=env_default("tensorrt", False, bool),
                    help="GPU profile: use the TensorRT execution accelerator")
     p.add_argument("--max-queue-size", type=int, default=env_default("max_queue_size", 0, int),
