@@ -5,10 +5,10 @@ while ``rows * longest <= max_tokens_per_batch``; rows of very different lengths
 and the short ones are padded to the long one. This study replays the mixed workload in groups of
 ``rows`` texts (what one execute() sees at that load) through the same ``model.onnx`` and compares:
 
-- ``current``: :func:`plan_microbatches` with the served default (16,384 tokens);
-- ``budget-N``: the same planner with a smaller token budget;
-- ``length-ratio-R``: the same, but a row also starts a new micro-batch when it is shorter than ``R`` x the
-  micro-batch's longest row (bounded padding per row).
+- token budget only (16,384 and 2,048 tokens): the planner before the length-ratio rule;
+- length ratio 0.5 / 0.7 at 16,384 tokens, and 0.7 at 4,096 (the served default until 5436a1d): a row also
+  starts a new micro-batch when it is shorter than that fraction of the micro-batch's longest row;
+- the served default (``ServingOptions.max_tokens_per_batch`` tokens, ratio 0.7).
 
     python -m tritonembed.benchmarks.planner_study EXPORT_DIR --rows 4,8,32 --threads 2
 """
@@ -27,15 +27,18 @@ log = logging.getLogger("tritonembed.benchmarks.planner_study")
 
 
 def planners(max_rows: int) -> dict[str, Callable[[Sequence[int]], list[list[int]]]]:
+    from tritonembed.model_repository.configs import ServingOptions
     from tritonembed.model_repository.stages import plan_microbatches
 
+    served = ServingOptions.max_tokens_per_batch
     # min_fill=0 is the planner before the length-ratio rule (token budget only).
     return {
         "budget only (16384 tokens)": lambda ls: plan_microbatches(ls, 16384, max_rows, min_fill=0.0),
         "budget only (2048 tokens)": lambda ls: plan_microbatches(ls, 2048, max_rows, min_fill=0.0),
         "length ratio 0.5": lambda ls: plan_microbatches(ls, 16384, max_rows, min_fill=0.5),
         "length ratio 0.7": lambda ls: plan_microbatches(ls, 16384, max_rows, min_fill=0.7),
-        "served default (0.7, 4096 tokens)": lambda ls: plan_microbatches(ls, 4096, max_rows),
+        "length ratio 0.7, 4096 tokens": lambda ls: plan_microbatches(ls, 4096, max_rows),
+        f"served default (0.7, {served} tokens)": lambda ls: plan_microbatches(ls, served, max_rows),
     }
 
 
