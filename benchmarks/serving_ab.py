@@ -11,7 +11,7 @@ back, in alternating order, so slow swings of load on a shared machine hit both 
 
 B / A is taken within each round; the medians are the verdict.
 
-    python -m tritonembed.benchmarks.serving_ab EXPORT_DIR --b intra_op_spinning=false [--rounds 4] [-o out.json]
+    python -m tritonembed.benchmarks.serving_ab EXPORT_DIR --b intra_op_spinning=never [--rounds 4] [-o out.json]
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -106,13 +106,15 @@ def summarize(rows: Sequence[dict[str, Any]], labels: Sequence[str]) -> dict[str
     pairs = [(v[a], v[b]) for v in by_round.values() if a in v and b in v]
     if not pairs:
         return {}
+
+    def median(of: Callable[[dict[str, Any], dict[str, Any]], float]) -> float:
+        return round(statistics.median(of(x, y) for x, y in pairs), 3)
+
     return {
-        "short_p50_ms_b_minus_a": round(statistics.median(y["short_p50_ms"] - x["short_p50_ms"] for x, y in pairs), 3),
-        "short_p99_ms_b_over_a": round(statistics.median(y["short_p99_ms"] / x["short_p99_ms"] for x, y in pairs), 3),
-        "c8_texts_per_s_b_over_a": round(statistics.median(y["c8_texts_per_s"] / x["c8_texts_per_s"]
-                                                           for x, y in pairs), 3),
-        "bulk_texts_per_s_b_over_a": round(statistics.median(y["bulk_texts_per_s"] / x["bulk_texts_per_s"]
-                                                             for x, y in pairs), 3),
+        "short_p50_ms_b_minus_a": median(lambda x, y: y["short_p50_ms"] - x["short_p50_ms"]),
+        "short_p99_ms_b_over_a": median(lambda x, y: y["short_p99_ms"] / x["short_p99_ms"]),
+        "c8_texts_per_s_b_over_a": median(lambda x, y: y["c8_texts_per_s"] / x["c8_texts_per_s"]),
+        "bulk_texts_per_s_b_over_a": median(lambda x, y: y["bulk_texts_per_s"] / x["bulk_texts_per_s"]),
         "rounds": len(pairs),
     }
 
@@ -121,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tritonembed.benchmarks.serving_ab")
     p.add_argument("export_dir", type=Path)
     p.add_argument("--a", default="", help="variant A (default: the defaults)")
-    p.add_argument("--b", required=True, help="variant B, e.g. intra_op_spinning=false")
+    p.add_argument("--b", required=True, help="variant B, e.g. intra_op_spinning=never")
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--texts", type=int, default=256, help="texts in the bulk corpus (the bench's mixed workload)")
