@@ -158,7 +158,9 @@ def quantize_onnx(
     """Write a ``precision`` variant of the FP32 encoder ``fp32_model`` to ``output``.
 
     Args:
-        fp32_model: the FP32 ONNX graph (its external data, if any, beside it).
+        fp32_model: the FP32 ONNX graph (its external data, if any, beside it). For ``int4`` the
+            ``fp16`` variant works too: weights are quantized the same way and activations stay
+            float16 (the GPU form; see ``docs/benchmarks-gpu.md``).
         output: the ``.onnx`` file to write; its folder is created. An existing file and its
             ``<name>_data`` are replaced.
         precision: ``fp16``, ``int8`` or ``int4`` (``fp32`` is a copy and is the caller's job).
@@ -278,6 +280,17 @@ def _weight_matmuls(model: onnx.ModelProto) -> list[_WeightMatMul]:
     return found
 
 
+def _activation_type(model: onnx.ModelProto) -> str:
+    """``float16`` when the graph's weight MatMuls take float16 weights (an fp16 export), else ``float32``."""
+    import onnx
+
+    inits = {t.name: t.data_type for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "MatMul" and len(node.input) > 1 and inits.get(node.input[1]) == onnx.TensorProto.FLOAT16:
+            return "float16"
+    return "float32"
+
+
 def _layers(matmuls: Sequence[_WeightMatMul]) -> list[list[_WeightMatMul]]:
     """Group weight MatMuls into transformer layers; each FFN down projection (largest K > N) ends one.
 
@@ -297,7 +310,7 @@ def _layers(matmuls: Sequence[_WeightMatMul]) -> list[list[_WeightMatMul]]:
 
 
 def _embedding_gathers(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
-    """(Gathers whose data is a 2-D float initializer, every other Gather)."""
+    """(Gathers whose data is a 2-D float32/float16 initializer, every other Gather)."""
     import onnx
 
     inits = {t.name: t for t in model.graph.initializer}
@@ -306,7 +319,8 @@ def _embedding_gathers(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
         if node.op_type != "Gather":
             continue
         tensor = inits.get(node.input[0])
-        is_table = tensor is not None and len(tensor.dims) == 2 and tensor.data_type == onnx.TensorProto.FLOAT
+        is_table = tensor is not None and len(tensor.dims) == 2 and tensor.data_type in (
+            onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
         (tables if is_table else others).append(node.name)
     return tables, others
 
@@ -502,6 +516,44 @@ def _topological_sort(model: onnx.ModelProto) -> None:
     ONNXModel(model).topological_sort()
 
 
+def _drop_duplicate_nodes(model: onnx.ModelProto) -> int:
+    """Remove nodes identical to an earlier one (same op, inputs, outputs, attributes); return how many.
+
+    ``convert_float_to_float16`` before onnxruntime 1.32 inserts one ``<x>_cast_to_fp32`` Cast per
+    consumer of ``x`` -- the same node several times, which ONNX Runtime refuses to load ("two nodes
+    with same node name"). 1.32 inserts one shared Cast, which is what this leaves.
+
+    Raises:
+        QuantizationError: two different nodes write the same output.
+    """
+    seen: dict[str, bytes] = {}
+    keep = []
+    for node in model.graph.node:
+        signature = node.SerializeToString(deterministic=True)
+        clashes = [seen[o] for o in node.output if o in seen]
+        if clashes and all(c == signature for c in clashes) and len(clashes) == len(node.output):
+            continue
+        if clashes:
+            raise QuantizationError(f"fp16 conversion left two different nodes writing {list(node.output)}")
+        seen.update({o: signature for o in node.output})
+        keep.append(node)
+    removed = len(model.graph.node) - len(keep)
+    if removed:
+        del model.graph.node[:]
+        model.graph.node.extend(keep)
+    return removed
+
+
+def _single_link_copy(src: Path, scratch: Path) -> Path:
+    """``src`` itself, or a copy in ``scratch`` when its external-data file has other hard links."""
+    data = src.with_name(src.name + "_data")  # the exporter's one data file (onnx_export.EXTERNAL_DATA_SUFFIX)
+    if not data.exists() or data.stat().st_nlink <= 1:
+        return src
+    for f in (src, data):
+        shutil.copyfile(f, scratch / f.name)
+    return scratch / src.name
+
+
 def _to_fp16(src: Path) -> tuple[onnx.ModelProto, str, dict[str, Any]]:
     import onnx
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
@@ -512,10 +564,14 @@ def _to_fp16(src: Path) -> tuple[onnx.ModelProto, str, dict[str, Any]]:
     if any(not n for n in node_block):
         raise QuantizationError(f"{src} has unnamed nodes in the float32 islands; re-export with named nodes")
     del graph
-    # A path (not a proto) lets the converter run shape inference on files above 2 GB.
-    model = convert_float_to_float16(
-        str(src), keep_io_types=True, op_block_list=op_block, node_block_list=node_block
-    )
+    # A path (not a proto) lets the converter run shape inference on files above 2 GB; its onnx.load
+    # refuses external data with several hard links (a served export), so such a model goes via a copy.
+    with tempfile.TemporaryDirectory(prefix="tritonembed-fp16-") as tmp:
+        model = convert_float_to_float16(
+            str(_single_link_copy(src, Path(tmp))), keep_io_types=True, op_block_list=op_block,
+            node_block_list=node_block,
+        )
+    duplicates = _drop_duplicate_nodes(model)
     round_trips = _drop_fp16_round_trips(model)
     _topological_sort(model)
     method = (
@@ -529,6 +585,7 @@ def _to_fp16(src: Path) -> tuple[onnx.ModelProto, str, dict[str, Any]]:
         "fp32_nodes": len(node_block),
         "fp32_tail_roots": list(FP16_TAIL_ROOT_OPS),
         "fp16_round_trips_removed": round_trips,
+        "duplicate_casts_removed": duplicates,
     }
     return model, method, settings
 
@@ -673,6 +730,7 @@ def _to_int4(
     if not matmuls:
         raise QuantizationError(f"{src} has no MatMul with a constant 2-D weight: nothing to quantize")
     layers = _layers(matmuls)
+    activations = _activation_type(model)
     n8 = min(max(last_8bit_layers, 0), len(layers))
     eight_bit = [m.name for layer in (layers[len(layers) - n8 :] if n8 else []) for m in layer]
     tables, other_gathers = _embedding_gathers(model) if embeddings else ([], [])
@@ -695,7 +753,7 @@ def _to_int4(
         f"weight-only MatMulNBits: 4-bit {algorithm.upper()} asymmetric, block {block_size}"
         + (f"; last {n8} layer(s) 8-bit" if n8 else "")
         + ("; embedding tables 4-bit GatherBlockQuantized" if tables else "")
-        + "; activations float32"
+        + f"; activations {activations}"
     )
     settings = {
         "quantizer": "onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer",
@@ -709,6 +767,7 @@ def _to_int4(
         "matmuls_4bit": len(matmuls) - len(eight_bit),
         "matmuls_8bit": len(eight_bit),
         "embedding_tables_4bit": tables,
+        "activations": activations,
         "opset": _opset(model),
     }
     return model, method, settings

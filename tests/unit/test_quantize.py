@@ -448,3 +448,69 @@ def test_a_hard_linked_export_can_be_quantized_again(tmp_path: Path) -> None:
     os.link(src.parent / "model.onnx_data", tmp_path / "repo" / "model.onnx_data")  # what the repository does
     result = quantize_onnx(src, tmp_path / "int4" / "model.onnx", "int4")
     assert result.node_counts.get("MatMulNBits") == 1
+
+
+def test_int4_from_fp16_keeps_float16_activations(qwen3_fp32: Path, tmp_path: Path) -> None:
+    # the GPU form: weights 4-bit as from fp32, activations stay float16, the fp16 table becomes 4-bit too
+    fp16 = quantize_onnx(qwen3_fp32, tmp_path / "fp16" / "model.onnx", "fp16")
+    result = quantize_onnx(fp16.model_path, tmp_path / "int4" / "model.onnx", "int4")
+    assert result.settings["activations"] == "float16"
+    assert result.node_counts.get("MatMulNBits") == 14 and result.node_counts.get("GatherBlockQuantized") == 1
+    feeds = _qwen_feeds()
+    (out,) = _ort_session(result.model_path).run(None, feeds)
+    check_finite({"embedding": out}, "int4", unit_norm=True)
+    assert _cosines(out, _ort_session(qwen3_fp32).run(None, feeds)[0]).min() >= 0.95
+    from_fp32 = quantize_onnx(qwen3_fp32, tmp_path / "int4-32" / "model.onnx", "int4")
+    assert from_fp32.settings["activations"] == "float32"
+
+
+def test_fp16_from_hard_linked_external_data(minilm_fp32: Path, tmp_path: Path) -> None:
+    # a served export is hard-linked into the Triton repository; onnx.load refuses such a data file
+    src = tmp_path / "src" / "model.onnx"
+    src.parent.mkdir()
+    onnx.save(onnx.load(str(minilm_fp32)), str(src), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="model.onnx_data")
+    linked = tmp_path / "repo" / "model.onnx"
+    linked.parent.mkdir()
+    for f in ("model.onnx", "model.onnx_data"):
+        os.link(src.parent / f, linked.parent / f)
+    with pytest.raises(Exception, match="hard link"):
+        onnx.load(str(linked))
+    result = quantize_onnx(linked, tmp_path / "fp16" / "model.onnx", "fp16")
+    feeds = {"input_ids": np.array([[101, 2023, 102]]), "attention_mask": np.ones((1, 3), np.int64)}
+    check_finite(_ort_session(result.model_path).run(None, feeds), unit_norm=True)
+    assert (linked.parent / "model.onnx_data").stat().st_nlink == 2  # the source is left as it was
+
+
+def _cast_graph(second_cast_to: int) -> onnx.ModelProto:
+    from onnx import TensorProto, helper
+
+    casts = [helper.make_node("Cast", ["x"], ["x_cast_to_fp32"], to=to, name="x_cast_to_fp32_node")
+             for to in (TensorProto.FLOAT, second_cast_to)]
+    nodes = [helper.make_node("Relu", ["x16"], ["x"], name="relu"), *casts,
+             helper.make_node("Add", ["x_cast_to_fp32", "x_cast_to_fp32"], ["y"], name="add")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x16", TensorProto.FLOAT16, [2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_duplicate_fp16_casts_are_dropped() -> None:
+    # onnxruntime < 1.32's float16 converter writes one identical Cast per consumer; ORT refuses the graph
+    from tritonembed.export.quantize import _drop_duplicate_nodes
+
+    model = _cast_graph(onnx.TensorProto.FLOAT)
+    model.ir_version = 8
+    with pytest.raises(Exception, match="same node name"):
+        ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert _drop_duplicate_nodes(model) == 1
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    out = session.run(None, {"x16": np.array([1.5, -2.0], np.float16)})[0]
+    assert out.tolist() == [3.0, 0.0]
+    assert _drop_duplicate_nodes(model) == 0
+
+
+def test_different_nodes_writing_one_output_are_refused() -> None:
+    from tritonembed.export.quantize import _drop_duplicate_nodes
+
+    with pytest.raises(QuantizationError, match="two different nodes"):
+        _drop_duplicate_nodes(_cast_graph(onnx.TensorProto.DOUBLE))
