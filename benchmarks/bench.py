@@ -307,7 +307,8 @@ class Bench:
                                   "encoder_queue_delay_us": options.encoder_queue_delay_us,
                                   "intra_op_threads": options.intra_op_threads,
                                   "encoder_instances": options.encoder_instances,
-                                  "max_tokens_per_batch": options.max_tokens_per_batch}
+                                  "max_tokens_per_batch": options.max_tokens_per_batch,
+                                  "microbatch_workers": options.microbatch_workers}
         torch_embed = self.torch_worker(case, export_dir) if cfg.torch_baseline else None
         try:
             out["ours"] = self.serve_and_measure(export_dir, spec, options, workloads, mdir / "triton-fp32", full=True,
@@ -402,11 +403,13 @@ class Bench:
                                                b32=cfg.concurrency_b32 if full else (max(cfg.concurrency_b32),))
                 if full and cfg.paired_rounds:
                     out["paired"] = self.paired(server, spec, export_dir, workloads, wdir, torch_embed=torch_embed,
-                                                max_tokens=options.max_tokens_per_batch)
+                                                max_tokens=options.max_tokens_per_batch,
+                                                workers=options.microbatch_workers)
                 elif paired_bulk_rounds:
                     out["paired"] = self.paired(server, spec, export_dir, workloads, wdir, torch_embed=torch_embed,
                                                 short_latency=False, rounds=paired_bulk_rounds,
-                                                max_tokens=options.max_tokens_per_batch)
+                                                max_tokens=options.max_tokens_per_batch,
+                                                workers=options.microbatch_workers)
                 if full and cfg.client:
                     out["async_client"] = self.client_phases(server, spec, probe, workloads)
                 if full and cfg.gateway:
@@ -417,14 +420,16 @@ class Bench:
 
     def paired(self, server: Any, spec: Any, export_dir: Path, workloads: dict[str, Workload],
                wdir: Path | None = None, *, torch_embed: Any = None,
-               short_latency: bool = True, rounds: int | None = None, max_tokens: int | None = None) -> dict[str, Any]:
+               short_latency: bool = True, rounds: int | None = None, max_tokens: int | None = None,
+               workers: int | None = None) -> dict[str, Any]:
         """Ours and the in-process baselines alternated in short rounds, so that load from elsewhere on a shared
         machine hits all of them alike.
 
         Each round: (with ``short_latency``) one short text at a time through perf_analyzer (C++) and the sync
         Python gRPC client vs bare ORT; then one corpus of mixed texts embedded in bulk by
         ``EmbeddingClient.embed(corpus)``, by bare ORT in length-sorted batches of 32 (what a user writes), by
-        bare ORT over the served planner's micro-batches (the strict ceiling: same grouping, no serving), and
+        bare ORT over the served planner's micro-batches (the strict ceiling: same grouping, and the same
+        micro-batch workers on a one-thread session as the encoder uses (``workers``); no serving), and
         by PyTorch (``torch_embed``, an :class:`~tritonembed.benchmarks.inprocess.Worker`: its own process,
         length-sorted batches of 32) when given.
         """
@@ -432,13 +437,17 @@ class Bench:
         from tritonembed.benchmarks.perf_analyzer import PerfAnalyzerError, run_perf_analyzer
         from tritonembed.client import EmbeddingClient
         from tritonembed.model_repository.configs import ServingOptions
-        from tritonembed.model_repository.stages import plan_microbatches
-        from tritonembed.model_repository.tokenization import pad_batch
+        from tritonembed.model_repository.encoder_model import model_bytes, pool_workers
+        from tritonembed.model_repository.microbatch_pool import MicroBatchPool
+        from tritonembed.model_repository.stages import encode_requests
 
         encoder = ort_encoder(export_dir, self.config.threads)  # one session for both bare-ORT legs
         tokenizer = encoder.tokenizer
         bare = ort_embedder(export_dir, self.config.threads, encoder)
         budget = max_tokens or ServingOptions().max_tokens_per_batch
+        n_workers = pool_workers(ServingOptions.microbatch_workers if workers is None else workers,
+                                 self.config.threads, model_bytes(export_dir / spec.onnx_file))
+        pool = MicroBatchPool(ort_encoder(export_dir, 1).run_ids, n_workers) if n_workers > 1 else None
         short = list(workloads["short"].texts[:16])
         mixed = workloads["mixed"]
         corpus = list(mixed.texts)  # the whole mixed workload: a small corpus would exaggerate padding losses
@@ -447,8 +456,8 @@ class Bench:
 
         def bare_planned(texts: Sequence[str]) -> None:  # tokenize + plan + run, as the server does, in-process
             ids = tokenizer.encode(tokenizer.format(list(texts))).ids
-            for group in plan_microbatches([len(i) for i in ids], budget, 256):
-                encoder.run_ids(*pad_batch([ids[i] for i in group], spec.pad_token_id, spec.padding_side))
+            encode_requests(encoder.run_ids, [tokenizer.pad(ids)], pad_id=spec.pad_token_id,
+                            padding_side=spec.padding_side, max_tokens=budget, max_rows=256, run_batches=pool)
 
         def timed(fn: Callable[[], Any]) -> float:
             t0 = time.perf_counter()
@@ -492,6 +501,8 @@ class Bench:
                 row["load_1min"] = round(load_average()[0], 2)
                 out_rounds.append(row)
                 log.info("paired round: %s", row)
+        if pool is not None:
+            pool.close()
         return summarize_paired(out_rounds, corpus_texts=len(corpus), corpus_tokens=corpus_tokens,
                                 short_texts=len(short) if short_latency else 0)
 

@@ -7,7 +7,10 @@ by length into micro-batches of at most ``max_tokens_per_batch`` padded tokens.
 
 from __future__ import annotations
 
-from tritonembed.model_repository.configs import ServingOptions, checked_spinning
+import os
+
+from tritonembed.model_repository.configs import MICROBATCH_POOL_MAX_MODEL_BYTES, ServingOptions, checked_spinning
+from tritonembed.model_repository.microbatch_pool import MicroBatchPool
 from tritonembed.model_repository.stages import encode_requests
 from tritonembed.model_repository.triton_adapter import (
     Counters,
@@ -41,20 +44,30 @@ class TritonPythonModel:
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         elif spinning == "during_run":  # spin inside a run (cheap wake-ups between ops), stop when it returns
             options.add_session_config_entry("session.force_spinning_stop", "1")
-        self.session = ort.InferenceSession(str(directory / self.spec.onnx_file), options,
-                                            providers=["CPUExecutionProvider"])
+        model_path = directory / self.spec.onnx_file
+        self.session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+        workers = pool_workers(int(params.get("microbatch_workers", ServingOptions.microbatch_workers)),
+                               options.intra_op_num_threads or os.cpu_count() or 1, model_bytes(model_path))
+        self.pool = None
+        if workers > 1:  # several micro-batches side by side, one thread each (microbatch_pool)
+            single = ort.SessionOptions()
+            single.intra_op_num_threads = 1
+            single.inter_op_num_threads = 1
+            single.log_severity_level = 3
+            single_session = ort.InferenceSession(str(model_path), single, providers=["CPUExecutionProvider"])
+            self.pool = MicroBatchPool(lambda ids, mask: run_encoder(single_session, ids, mask), workers)
         self.counters = Counters(args["model_name"], {
             "encoder_rows": "Texts encoded",
             "encoder_padded_tokens": "Tokens run through the encoder, padding included",  # before real: real <= padded
             "encoder_real_tokens": "Real tokens encoded",
             "encoder_batches": "ONNX Runtime runs (micro-batches)",
         })
-        log.info("encoder %s ready (%s, %d intra-op threads, spinning %s, %d tokens per micro-batch)",
-                 self.spec.name, self.spec.precision, options.intra_op_num_threads, spinning, self.max_tokens)
+        log.info("encoder %s ready (%s, %d intra-op threads, spinning %s, %d tokens per micro-batch, "
+                 "%d micro-batch workers)", self.spec.name, self.spec.precision, options.intra_op_num_threads,
+                 spinning, self.max_tokens, workers)
 
     def _run(self, input_ids, attention_mask):
-        return self.session.run([ENCODER_EMBEDDING_NAME],
-                                {INPUT_IDS.name: input_ids, ATTENTION_MASK.name: attention_mask})[0]
+        return run_encoder(self.session, input_ids, attention_mask)
 
     def execute(self, requests):
         batch = [(pb_utils.get_input_tensor_by_name(r, INPUT_IDS.name).as_numpy(),
@@ -62,7 +75,7 @@ class TritonPythonModel:
         try:
             outputs, stats = encode_requests(self._run, batch, pad_id=self.spec.pad_token_id,
                                              padding_side=self.spec.padding_side, max_tokens=self.max_tokens,
-                                             max_rows=self.max_rows)
+                                             max_rows=self.max_rows, run_batches=self.pool)
         except Exception as exc:  # one error per request, never an escaped exception
             log.exception("encoder failed")
             return [error_response(f"encoder failed: {exc}", invalid_arg=False) for _ in requests]
@@ -76,4 +89,24 @@ class TritonPythonModel:
     def finalize(self):
         if hasattr(self, "counters"):
             self.counters.flush()
-        self.session = None
+        if getattr(self, "pool", None) is not None:
+            self.pool.close()
+        self.session = self.pool = None
+
+
+def run_encoder(session, input_ids, attention_mask):
+    """One micro-batch through an ONNX Runtime session: the embedding rows."""
+    return session.run([ENCODER_EMBEDDING_NAME], {INPUT_IDS.name: input_ids, ATTENTION_MASK.name: attention_mask})[0]
+
+
+def model_bytes(model_path):
+    """``model.onnx`` plus its external-data file, if any."""
+    data = model_path.with_name(model_path.name + "_data")
+    return model_path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+
+
+def pool_workers(requested: int, intra_op_threads: int, size: int) -> int:
+    """The micro-batch workers to use: ``requested``, or 1 with fewer than 2 intra-op threads or a large model."""
+    if requested < 2 or intra_op_threads < 2 or size > MICROBATCH_POOL_MAX_MODEL_BYTES:
+        return 1
+    return requested

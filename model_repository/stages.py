@@ -137,6 +137,11 @@ def plan_microbatches(
     return batches
 
 
+# An execute with fewer micro-batches runs them one at a time on the multi-threaded session: a few small
+# ones (concurrent short texts) are faster there than spread over one-thread workers.
+POOL_MIN_BATCHES = 4
+
+
 @dataclass
 class EncodeStats:
     """Counters of one encoder execute(): rows, real and padded tokens, micro-batches run."""
@@ -162,8 +167,14 @@ def encode_requests(
     max_tokens: int,
     max_rows: int,
     min_fill: float = DEFAULT_MIN_FILL,
+    run_batches: Callable[[Sequence[tuple[np.ndarray, np.ndarray]]], list[np.ndarray]] | None = None,
 ) -> tuple[list[np.ndarray], EncodeStats]:
-    """Run the encoder over all rows of all requests, regrouped by length; results in request order."""
+    """Run the encoder over all rows of all requests, regrouped by length; results in request order.
+
+    ``run`` encodes one micro-batch. ``run_batches``, when given, encodes a list of them at once (see
+    :class:`~tritonembed.model_repository.microbatch_pool.MicroBatchPool`) and is used when the plan has at
+    least :data:`POOL_MIN_BATCHES` micro-batches.
+    """
     rows: list[np.ndarray] = []
     owners: list[tuple[int, int]] = []
     for r, (ids, mask) in enumerate(requests):
@@ -172,9 +183,13 @@ def encode_requests(
             owners.append((r, i))
     outputs: list[np.ndarray | None] = [None] * len(rows)
     stats = EncodeStats(rows=len(rows), real_tokens=int(sum(len(t) for t in rows)))
-    for batch in plan_microbatches([len(t) for t in rows], max_tokens, max_rows, min_fill):
-        input_ids, mask = pad_batch([rows[i] for i in batch], pad_id, padding_side)
-        emb = run(input_ids, mask)
+    plan = plan_microbatches([len(t) for t in rows], max_tokens, max_rows, min_fill)
+    padded = [pad_batch([rows[i] for i in batch], pad_id, padding_side) for batch in plan]
+    if run_batches is not None and len(padded) >= POOL_MIN_BATCHES:
+        embeddings = run_batches(padded)
+    else:
+        embeddings = [run(input_ids, mask) for input_ids, mask in padded]
+    for batch, (input_ids, _), emb in zip(plan, padded, embeddings, strict=True):
         stats.padded_tokens += int(input_ids.size)
         stats.batches += 1
         stats.batch_rows.append(len(batch))

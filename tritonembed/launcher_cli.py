@@ -58,7 +58,8 @@ def _serving_options(args: argparse.Namespace):
                               max_queue_size=args.max_queue_size)
     return ServingOptions(profile="cpu", encoder_instances=args.instances, max_queue_size=args.max_queue_size,
                           intra_op_threads=args.threads or max(1, (os.cpu_count() or 1) // args.instances),
-                          intra_op_spinning=args.spinning, max_tokens_per_batch=args.max_tokens_per_batch)
+                          intra_op_spinning=args.spinning, max_tokens_per_batch=args.max_tokens_per_batch,
+                          microbatch_workers=args.microbatch_workers)
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -77,6 +78,11 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    default=env_default("max_tokens_per_batch", ServingOptions.max_tokens_per_batch, int),
                    help="CPU profile: padded tokens per ONNX Runtime run of the encoder's micro-batches (default "
                         f"{ServingOptions.max_tokens_per_batch}: small enough for the activations to stay in cache)")
+    p.add_argument("--microbatch-workers", type=int,
+                   default=env_default("microbatch_workers", ServingOptions.microbatch_workers, int),
+                   help="CPU profile: run an execute's micro-batches this many at a time, one thread each, on a "
+                        f"second session (default {ServingOptions.microbatch_workers}; 1 = off; models over 256 MB "
+                        "and single-threaded encoders always run one at a time)")
     p.add_argument("--tensorrt", action="store_true", default=env_default("tensorrt", False, bool),
                    help="GPU profile: use the TensorRT execution accelerator")
     p.add_argument("--max-queue-size", type=int, default=env_default("max_queue_size", 0, int),

@@ -81,6 +81,7 @@ def test_cpu_encoder_is_a_ragged_python_model(spec):
     assert all(i.allow_ragged_batch for i in enc.input)
     assert enc.parameters["intra_op_threads"].string_value == "3"
     assert enc.parameters["max_tokens_per_batch"].string_value == "4096"
+    assert enc.parameters["microbatch_workers"].string_value == "2"
     assert enc.parameters["intra_op_spinning"].string_value == "during_run"
     assert enc.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_CPU
     spinning = parse(encoder_config(spec, ServingOptions(profile="cpu", intra_op_spinning="always")))

@@ -18,19 +18,24 @@ def _args(*argv: str) -> argparse.Namespace:
 def test_cpu_defaults_spin_only_during_a_run_and_bound_no_queue():
     options = _serving_options(_args())
     assert options.profile == "cpu" and options.intra_op_spinning == "during_run" and options.max_queue_size == 0
-    assert options.max_tokens_per_batch == 512
+    assert options.max_tokens_per_batch == 512 and options.microbatch_workers == 2
 
 
 def test_flags_are_carried_into_the_options():
     options = _serving_options(_args("--spinning", "never", "--max-queue-size", "32", "--threads", "1",
-                                     "--max-tokens-per-batch", "2048"))
+                                     "--max-tokens-per-batch", "2048", "--microbatch-workers", "1"))
     assert (options.intra_op_spinning, options.max_queue_size, options.intra_op_threads) == ("never", 32, 1)
-    assert options.max_tokens_per_batch == 2048
+    assert options.max_tokens_per_batch == 2048 and options.microbatch_workers == 1
 
 
 def test_a_token_budget_below_one_is_refused():
     with pytest.raises(ValueError, match="max_tokens_per_batch"):
         _serving_options(_args("--max-tokens-per-batch", "0"))
+
+
+def test_no_micro_batch_workers_is_refused():
+    with pytest.raises(ValueError, match="microbatch_workers"):
+        _serving_options(_args("--microbatch-workers", "0"))
 
 
 def test_unknown_spinning_mode_is_refused(capsys):
