@@ -156,16 +156,19 @@ def prepare(shape_name: str, workdir: Path, precisions: Sequence[str], probes: S
     (fp32.parent / DONE).touch()
     del encoder, backbone
     log.info("%s: fp32 exported at %.0f s", shape_name, time.perf_counter() - started)
+    lanes = [lane for lane in quantize_lanes(precisions) if lane]
+    if lanes:  # in parallel: each quantizer is mostly one thread, and a 4B model takes minutes per variant
+        with multiprocessing.get_context("spawn").Pool(len(lanes)) as pool:
+            pool.starmap(_quantize_lane, [(out, lane, started) for lane in lanes])
+    return out
+
+
+def quantize_lanes(precisions: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(the variants made from fp32, [fp16 and the variants made from it]) -- fp16 joins when one needs it."""
     wanted = [p for p in precisions if p != "fp32"]
     from_fp16 = [p for p in wanted if p in FROM_FP16]
-    lanes = [[p for p in wanted if p not in FROM_FP16 and p != "fp16"], (["fp16"] if from_fp16 or "fp16" in wanted else []) + from_fp16]
-    lanes = [lane for lane in lanes if lane]
-    # Two lanes in parallel (the fp32-derived variants; fp16 then what derives from it): each quantizer
-    # is mostly one thread, and a 4B model takes minutes per variant.
-    context = multiprocessing.get_context("spawn")
-    with context.Pool(len(lanes)) as pool:
-        pool.starmap(_quantize_lane, [(out, lane, started) for lane in lanes])
-    return out
+    from_fp32 = [p for p in wanted if p not in FROM_FP16 and p != "fp16"]
+    return from_fp32, (["fp16"] if from_fp16 or "fp16" in wanted else []) + from_fp16
 
 
 def _quantize_lane(out: Path, precisions: Sequence[str], started: float) -> None:
@@ -267,11 +270,84 @@ def timed_runs(run: Callable[[], Any], seconds: float, min_runs: int, max_runs: 
     return latencies
 
 
+Run = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+def agreement(run: Run, reference: Any, precision: str) -> dict[str, Any]:
+    """Cosine of the variant's embeddings of the probe rows (one padded batch) to the PyTorch fp32 reference."""
+    got, expected = run(reference["input_ids"], reference["attention_mask"]), reference["embedding"]
+    cos = (got * expected).sum(1) / np.maximum(np.linalg.norm(got, axis=1) * np.linalg.norm(expected, axis=1), 1e-30)
+    finite = bool(np.isfinite(got).all())
+    return {"min_cosine": round(float(cos.min()), 6), "mean_cosine": round(float(cos.mean()), 6), "finite": finite,
+            "tolerance": MIN_COSINE[precision], "ok": finite and bool(cos.min() >= MIN_COSINE[precision])}
+
+
+def bulk_phase(run: Run, shape: Any, mixed: Sequence[Sequence[int]], budget: int, seconds: float) -> dict[str, Any]:
+    """The whole mixed workload through the length planner at a ``budget`` of padded tokens per micro-batch."""
+    from tritonembed.model_repository.stages import plan_microbatches
+
+    lengths = [len(r) for r in mixed]
+    batches = [pad_left([mixed[i] for i in b]) for b in plan_microbatches(lengths, budget, max_rows=budget)]
+    for ids, mask in batches[:2]:
+        run(ids, mask)  # warm-up: kernels and arena for these shapes
+    rounds = timed_runs(lambda: [run(i, m) for i, m in batches], seconds, 3, 50)
+    median, best = float(np.median(rounds)) / 1000, min(rounds) / 1000
+    padded = sum(ids.size for ids, _ in batches)
+    return {"max_tokens": budget, "micro_batches": len(batches), "rounds": len(rounds),
+            "texts_per_s": round(len(mixed) / median, 1), "tokens_per_s": round(sum(lengths) / median, 1),
+            "best_tokens_per_s": round(sum(lengths) / best, 1), "padding_waste": round(1 - sum(lengths) / padded, 4),
+            "useful_tflops": round(useful_flops(shape, lengths) / median / 1e12, 3)}
+
+
+def batch32_phase(run: Run, mixed: Sequence[Sequence[int]], budget: int) -> dict[str, Any]:
+    """Client batches of 32 texts, each planned and run as the encoder would: latency percentiles."""
+    from tritonembed.model_repository.stages import plan_microbatches
+
+    latencies = []
+    for _ in range(2):
+        for start in range(0, len(mixed) - 31, 32):
+            rows = mixed[start:start + 32]
+            t = time.perf_counter()
+            for b in plan_microbatches([len(r) for r in rows], budget, max_rows=budget):
+                run(*pad_left([rows[i] for i in b]))
+            latencies.append((time.perf_counter() - t) * 1000)
+    return {"max_tokens": budget, **latency_summary(latencies),
+            "texts_per_s": round(32 * len(latencies) / (sum(latencies) / 1000), 1)}
+
+
+def single_text_phase(run: Run, short: Sequence[Sequence[int]], passes: int = 4) -> dict[str, float]:
+    """One short text per call: latency percentiles over ``passes`` passes of the short sentences."""
+    ones = [pad_left([row]) for row in short]
+    for ids, mask in ones[:5]:
+        run(ids, mask)
+    latencies = []
+    for _ in range(passes):
+        for ids, mask in ones:
+            t = time.perf_counter()
+            run(ids, mask)
+            latencies.append((time.perf_counter() - t) * 1000)
+    return latency_summary(latencies)
+
+
+def fixed_phase(run: Run, shape: Any, rows: int, length: int, seconds: float) -> dict[str, Any]:
+    """A full ``rows`` x ``length`` batch (no padding), repeated: the compute-bound figure."""
+    ids = np.random.default_rng(0).integers(0, 150000, size=(rows, length), dtype=np.int64)
+    mask = np.ones_like(ids)
+    run(ids, mask)
+    median = float(np.median(timed_runs(lambda: run(ids, mask), seconds, 3, 200))) / 1000
+    return {"rows": rows, "length": length, "p50_ms": round(median * 1000, 3),
+            "tokens_per_s": round(rows * length / median, 1),
+            "tflops": round(pass_flops(shape, rows, length) / median / 1e12, 3)}
+
+
 def measure(model: Path, shape_name: str, precision: str, workload: dict[str, list[list[int]]], reference: Path,
             provider: str, threads: int, max_tokens: Sequence[int], seconds: float) -> dict[str, Any]:
-    """Every number of one variant (see the module docstring)."""
+    """Every number of one variant (see the module docstring).
+
+    Raises:
+        GpuBenchError: ``provider`` is ``cuda`` and ONNX Runtime cannot use it.
+    """
     from tritonembed.export.testmodels import QWEN3_SHAPES
-    from tritonembed.model_repository.stages import plan_microbatches
 
     shape = QWEN3_SHAPES[shape_name]
     result: dict[str, Any] = {"shape": shape_name, "precision": precision, "provider": provider,
@@ -282,73 +358,18 @@ def measure(model: Path, shape_name: str, precision: str, workload: dict[str, li
     profile_dir.mkdir(exist_ok=True)
     sess = session(model, provider, threads, profile_prefix=profile_dir / "ort")
     result["load_s"] = round(time.perf_counter() - t0, 2)
-    ref = np.load(reference)
 
     def run(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         return sess.run(None, {"input_ids": ids, "attention_mask": mask})[0]
 
-    got = run(ref["input_ids"], ref["attention_mask"])  # also the profiled run
+    result["reference"] = agreement(run, np.load(reference), precision)  # also the one profiled run
     result["placement"] = placement(Path(sess.end_profiling()))
-    expected = ref["embedding"]
-    cos = (got * expected).sum(1) / np.maximum(np.linalg.norm(got, axis=1) * np.linalg.norm(expected, axis=1), 1e-30)
-    result["reference"] = {"min_cosine": round(float(cos.min()), 6), "mean_cosine": round(float(cos.mean()), 6),
-                           "finite": bool(np.isfinite(got).all()), "tolerance": MIN_COSINE[precision],
-                           "ok": bool(np.isfinite(got).all() and cos.min() >= MIN_COSINE[precision])}
-
-    mixed = workload["mixed"]
-    lengths = [len(r) for r in mixed]
-    bulk = []
-    for budget in max_tokens:
-        plan = plan_microbatches(lengths, budget, max_rows=budget)
-        batches = [pad_left([mixed[i] for i in b]) for b in plan]
-        for ids, mask in batches[:2]:
-            run(ids, mask)  # warm-up: kernels and arena for these shapes
-        rounds = timed_runs(lambda: [run(i, m) for i, m in batches], seconds, 3, 50)
-        best = min(rounds) / 1000
-        median = float(np.median(rounds)) / 1000
-        padded = sum(ids.size for ids, _ in batches)
-        flops = useful_flops(shape, lengths)
-        bulk.append({"max_tokens": budget, "micro_batches": len(batches), "rounds": len(rounds),
-                     "texts_per_s": round(len(mixed) / median, 1), "tokens_per_s": round(sum(lengths) / median, 1),
-                     "best_tokens_per_s": round(sum(lengths) / best, 1),
-                     "padding_waste": round(1 - sum(lengths) / padded, 4), "useful_tflops": round(flops / median / 1e12, 3)})
+    bulk = [bulk_phase(run, shape, workload["mixed"], budget, seconds) for budget in max_tokens]
     result["bulk"] = bulk
-    budget = max(bulk, key=lambda b: b["tokens_per_s"])["max_tokens"]
-
-    def encode_batch(rows: Sequence[Sequence[int]]) -> None:
-        for b in plan_microbatches([len(r) for r in rows], budget, max_rows=budget):
-            run(*pad_left([rows[i] for i in b]))
-
-    batches32 = [mixed[i:i + 32] for i in range(0, len(mixed) - 31, 32)]
-    latencies = []
-    for _ in range(2):
-        for rows in batches32:
-            t = time.perf_counter()
-            encode_batch(rows)
-            latencies.append((time.perf_counter() - t) * 1000)
-    result["batch32"] = {"max_tokens": budget, **latency_summary(latencies),
-                         "texts_per_s": round(32 * len(latencies) / (sum(latencies) / 1000), 1)}
-    short = workload["short"]
-    ones = [pad_left([row]) for row in short]
-    for ids, mask in ones[:5]:
-        run(ids, mask)
-    single = []
-    for _ in range(4):
-        for ids, mask in ones:
-            t = time.perf_counter()
-            run(ids, mask)
-            single.append((time.perf_counter() - t) * 1000)
-    result["batch1_short"] = latency_summary(single)
-
-    rows, length = FIXED_SHAPE if provider == "cuda" else (4, 64)
-    ids = np.random.default_rng(0).integers(0, 150000, size=(rows, length), dtype=np.int64)
-    mask = np.ones_like(ids)
-    run(ids, mask)
-    fixed = timed_runs(lambda: run(ids, mask), seconds, 3, 200)
-    median = float(np.median(fixed)) / 1000
-    result["fixed"] = {"rows": rows, "length": length, "p50_ms": round(median * 1000, 3),
-                       "tokens_per_s": round(rows * length / median, 1),
-                       "tflops": round(pass_flops(shape, rows, length) / median / 1e12, 3)}
+    best_budget = max(bulk, key=lambda b: b["tokens_per_s"])["max_tokens"]
+    result["batch32"] = batch32_phase(run, workload["mixed"], best_budget)
+    result["batch1_short"] = single_text_phase(run, workload["short"])
+    result["fixed"] = fixed_phase(run, shape, *(FIXED_SHAPE if provider == "cuda" else (4, 64)), seconds)
     after = gpu_memory(os.getpid())
     if after:
         peak = peak_flops(after["gpu"])

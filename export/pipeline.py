@@ -28,6 +28,9 @@ from tritonembed.export.validate import OnnxEncoder, compare, validate_against_r
 from tritonembed.model_repository.tokenization import SpecTokenizer
 from tritonembed.spec import PRECISIONS, ModelSpec
 
+#: What an int4 model computes in between its 4-bit weights: float32 (CPU) or float16 (GPU).
+INT4_ACTIVATIONS = ("float32", "float16")
+
 log = logging.getLogger(__name__)
 
 REPORT_FILENAME = "report.json"
@@ -127,8 +130,13 @@ def export_model(
     name: str | None = None,
     overwrite: bool = False,
     run_stsb: bool = True,
+    int4_activations: str = "float32",
 ) -> ExportReport:
     """Export, validate and (optionally) quantize ``model`` into ``output``.
+
+    ``int4_activations="float16"`` quantizes the fp16 graph instead of the fp32 one, so the int4 model
+    computes in float16 between its 4-bit weights: the GPU form (on an H200, 1.49x the float32-activation
+    int4's tokens/s at 0.62x the memory; ``docs/benchmarks-gpu.md``). On a CPU keep ``float32``.
 
     Raises:
         ModelResolutionError: the model cannot be found.
@@ -139,6 +147,8 @@ def export_model(
     """
     if precision not in PRECISIONS:
         raise ExportError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if int4_activations not in INT4_ACTIVATIONS:
+        raise ExportError(f"unknown int4 activation type {int4_activations!r}; choose one of {', '.join(INT4_ACTIVATIONS)}")
     output = prepare_output(output, overwrite)
     started = time.perf_counter()
     resolved = resolve_model(model)
@@ -149,7 +159,7 @@ def export_model(
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
-        report = _export_into(staging, resolved, family, spec, run_stsb)
+        report = _export_into(staging, resolved, family, spec, run_stsb, int4_activations)
         report.output = str(output)
         report.export_seconds = round(time.perf_counter() - started, 2)
         report.files = {p.name: p.stat().st_size for p in sorted(staging.iterdir()) if p.is_file()}
@@ -163,7 +173,8 @@ def export_model(
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _export_into(staging: Path, resolved: ResolvedModel, family: ModelFamily, spec: ModelSpec, run_stsb: bool) -> ExportReport:
+def _export_into(staging: Path, resolved: ResolvedModel, family: ModelFamily, spec: ModelSpec, run_stsb: bool,
+                 int4_activations: str = "float32") -> ExportReport:
     report = ExportReport(resolved.model_id, resolved.source, family.name, spec.precision, "",
                           bool(spec.extra.get("random_weights")))
     copy_tokenizer(resolved.path, staging, family)
@@ -205,7 +216,10 @@ def _export_into(staging: Path, resolved: ResolvedModel, family: ModelFamily, sp
     else:
         from tritonembed.export.quantize import quantize_onnx
 
-        result = quantize_onnx(fp32_path, final_dir / spec.onnx_file, spec.precision)
+        source = fp32_path
+        if spec.precision == "int4" and int4_activations == "float16":  # the GPU form: int4 from the fp16 graph
+            source = quantize_onnx(fp32_path, fp32_dir / "fp16" / spec.onnx_file, "fp16").model_path
+        result = quantize_onnx(source, final_dir / spec.onnx_file, spec.precision)
         report.quantization = {"method": result.method, "settings": result.settings}
         quantized = OnnxEncoder(final_dir / spec.onnx_file, tokenizer)
         final_out = quantized.embed(PROBE_TEXTS)

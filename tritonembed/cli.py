@@ -42,6 +42,9 @@ def _add_export(sub) -> None:
     p.add_argument("--overwrite", action="store_true", default=env_default("overwrite", False, bool))
     p.add_argument("--skip-stsb", action="store_true", default=env_default("skip_stsb", False, bool),
                    help="do not measure STS-B Spearman for quantized real-weight models")
+    p.add_argument("--int4-activations", choices=("float32", "float16"), default=env_default("int4_activations", "float32"),
+                   help="int4 only: compute in float32 (CPU) or float16 (GPU: quantizes the fp16 graph; "
+                        "docs/benchmarks-gpu.md)")
     p.set_defaults(func=cmd_export)
 
 
@@ -49,7 +52,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from tritonembed.export.pipeline import export_model
 
     report = export_model(args.model, args.output, precision=args.precision, max_length=args.max_length,
-                          name=args.name, overwrite=args.overwrite, run_stsb=not args.skip_stsb)
+                          name=args.name, overwrite=args.overwrite, run_stsb=not args.skip_stsb,
+                          int4_activations=args.int4_activations)
     print(json.dumps({"output": report.output, "passed": report.passed, "validation": report.validation,
                       "stsb": report.stsb}, indent=2))
     return 0

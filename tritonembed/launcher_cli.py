@@ -20,23 +20,31 @@ from tritonembed.spec import SPEC_FILENAME, ModelSpec
 log = logging.getLogger("tritonembed.serve")
 
 
-def export_cache_dir(model: str, precision: str, max_length: int | None, name: str | None) -> Path:
+def export_cache_dir(model: str, precision: str, max_length: int | None, name: str | None,
+                     int4_activations: str = "float32") -> Path:
     from tritonembed.export.pipeline import EXPORT_REVISION
 
-    key = json.dumps([model, precision, max_length, name, EXPORT_REVISION])
+    fields = [model, precision, max_length, name, EXPORT_REVISION]
+    if precision == "int4" and int4_activations != "float32":  # the default keeps the keys of existing caches
+        fields.append(int4_activations)
+    key = json.dumps(fields)
     slug = "".join(c if c.isalnum() or c in "-._" else "-" for c in model)[-60:]
     return cache_dir() / "exports" / f"{slug}-{precision}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
 
 
-def ensure_export(model: str, precision: str, max_length: int | None, name: str | None) -> Path:
+def ensure_export(model: str, precision: str, max_length: int | None, name: str | None,
+                  int4_activations: str = "float32") -> Path:
     """An exported directory for ``model``: ``model`` itself when it is one, else a cached export.
+
+    ``int4_activations`` (``float32`` / ``float16``) is passed to the exporter for ``int4``; the GPU
+    profile asks for ``float16``.
 
     Raises:
         the errors of :func:`tritonembed.export.pipeline.export_model`.
     """
     if (Path(model) / SPEC_FILENAME).is_file():
         return Path(model)
-    target = export_cache_dir(model, precision, max_length, name)
+    target = export_cache_dir(model, precision, max_length, name, int4_activations)
     try:
         ModelSpec.load(target)
         log.info("using cached export %s", target)
@@ -47,7 +55,8 @@ def ensure_export(model: str, precision: str, max_length: int | None, name: str 
 
     log.info("exporting %s (%s) on first use into %s", model, precision, target)
     # STS-B is skipped here to start fast; `tritonembed export` measures it (see report.json there).
-    export_model(model, target, precision=precision, max_length=max_length, name=name, overwrite=True, run_stsb=False)
+    export_model(model, target, precision=precision, max_length=max_length, name=name, overwrite=True, run_stsb=False,
+                 int4_activations=int4_activations)
     return target
 
 
@@ -130,7 +139,8 @@ def _exports(args: argparse.Namespace) -> list[Path]:
     models = args.models or [DEFAULT_MODEL]
     if args.name and len(models) > 1:
         raise ServerError("--name applies to a single model")
-    return [ensure_export(m, args.precision, args.max_length, args.name) for m in models]
+    activations = "float16" if args.profile == "gpu" else "float32"  # int4 on a GPU computes in fp16
+    return [ensure_export(m, args.precision, args.max_length, args.name, activations) for m in models]
 
 
 def cmd_repo(args: argparse.Namespace) -> int:

@@ -43,3 +43,13 @@ def test_qwen3_quantized_exports_are_finite_and_close(precision, tmp_path):
     assert report.passed and cmp["finite"] and cmp["min_cosine"] >= QUANTIZED_MIN_COSINE[precision]
     assert report.stsb == {"skipped": "random weights: STS-B measures quality, which random weights do not have"}
     assert np.isfinite(cmp["max_abs_diff"])
+
+
+def test_int4_export_with_float16_activations(tmp_path):
+    # the GPU form of int4 (docs/benchmarks-gpu.md): the fp16 graph's MatMuls get the 4-bit weights
+    report = export_model("random-qwen3:tiny", tmp_path / "int4h", precision="int4", int4_activations="float16")
+    assert report.passed and report.quantization["settings"]["activations"] == "float16"
+    assert report.validation["int4_vs_fp32"]["min_cosine"] >= QUANTIZED_MIN_COSINE["int4"]
+    assert not (tmp_path / "int4h" / "_fp32").exists()
+    with pytest.raises(Exception, match="int4 activation"):
+        export_model("random-qwen3:tiny", tmp_path / "bad", precision="int4", int4_activations="bfloat16")

@@ -26,3 +26,25 @@ def test_a_new_export_revision_moves_the_cache(monkeypatch):
     before = export_cache_dir("random-qwen3:small", "int8", 512, None)
     monkeypatch.setattr(pipeline, "EXPORT_REVISION", pipeline.EXPORT_REVISION + 1)
     assert export_cache_dir("random-qwen3:small", "int8", 512, None) != before
+
+
+def test_int4_with_float16_activations_has_its_own_cache():
+    model = "sentence-transformers/all-MiniLM-L6-v2"
+    plain = export_cache_dir(model, "int4", None, None)
+    assert export_cache_dir(model, "int4", None, None, "float32") == plain  # existing caches keep their keys
+    assert export_cache_dir(model, "int4", None, None, "float16") != plain
+    assert export_cache_dir(model, "fp16", None, None, "float16") == export_cache_dir(model, "fp16", None, None)
+
+
+def test_the_gpu_profile_asks_for_float16_int4(monkeypatch):
+    import argparse
+
+    from tritonembed import launcher_cli
+
+    asked = []
+    monkeypatch.setattr(launcher_cli, "ensure_export", lambda *a: asked.append(a) or a[0])
+    parser = argparse.ArgumentParser()
+    launcher_cli.register(parser.add_subparsers(dest="command"))
+    for profile in ("gpu", "cpu"):
+        launcher_cli._exports(parser.parse_args(["repo", "m", "--precision", "int4", "--profile", profile, "-o", "x"]))
+    assert [a[-1] for a in asked] == ["float16", "float32"]

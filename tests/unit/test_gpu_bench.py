@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from tritonembed.benchmarks.flops import layer_weight_parameters, pass_flops, peak_flops, useful_flops
-from tritonembed.benchmarks.gpu import PAD_ID, pad_left, placement, probe_rows
+from tritonembed.benchmarks.gpu import PAD_ID, pad_left, placement, probe_rows, quantize_lanes
 from tritonembed.export.testmodels import QWEN3_SHAPES
 
 
@@ -64,3 +64,12 @@ def test_placement_counts_kernels_and_time_per_provider(tmp_path) -> None:
     assert got["nodes"] == {"CUDAExecutionProvider": 1, "CPUExecutionProvider": 2}
     assert got["kernel_us"] == {"CUDAExecutionProvider": 90, "CPUExecutionProvider": 10}
     assert got["cpu_time_share"] == 0.1 and got["cpu_ops"] == {"Gather": 2}
+
+
+@pytest.mark.parametrize("precisions,lanes", [
+    (["fp32", "int4", "int4-fp16"], (["int4"], ["fp16", "int4-fp16"])),  # fp16 made first, for int4-fp16
+    (["fp32"], ([], [])),
+    (["fp16", "w8", "int8"], (["w8", "int8"], ["fp16"])),
+    (["w8-fp16", "fp16"], ([], ["fp16", "w8-fp16"]))])
+def test_quantize_lanes(precisions: list[str], lanes: tuple[list[str], list[str]]) -> None:
+    assert quantize_lanes(precisions) == lanes
