@@ -73,3 +73,24 @@ def test_placement_counts_kernels_and_time_per_provider(tmp_path) -> None:
     (["w8-fp16", "fp16"], ([], ["fp16", "w8-fp16"]))])
 def test_quantize_lanes(precisions: list[str], lanes: tuple[list[str], list[str]]) -> None:
     assert quantize_lanes(precisions) == lanes
+
+
+def _result_file(path, rows):
+    path.write_text(json.dumps({"results": rows}))
+    return path
+
+
+def test_plot_rows_skip_failures_and_let_later_files_win(tmp_path) -> None:
+    from tritonembed.benchmarks.gpu_plot import measured_rows, plot
+
+    def row(precision: str, tokens: float) -> dict:
+        return {"shape": "0.6B", "precision": precision, "bulk": [{"tokens_per_s": tokens}],
+                "fixed": {"tokens_per_s": 2 * tokens}, "gpu_memory": {"process_bytes": 2**30}}
+
+    first = _result_file(tmp_path / "a.json", [row("fp32", 1.0), {"shape": "0.6B", "precision": "fp16", "error": "x"}])
+    second = _result_file(tmp_path / "b.json", [row("fp32", 3.0), row("fp16", 5.0)])
+    rows = measured_rows([first, second])
+    assert {p: r["bulk"][0]["tokens_per_s"] for p, r in rows["0.6B"].items()} == {"fp32": 3.0, "fp16": 5.0}
+    assert set(measured_rows([first])["0.6B"]) == {"fp32"}
+    png = plot(rows, tmp_path / "img" / "gpu.png", "t")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
