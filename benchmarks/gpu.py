@@ -27,6 +27,7 @@ ONNX Runtime's CPU provider (the smoke test does, on the ``tiny`` shape).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import multiprocessing
@@ -43,6 +44,9 @@ import numpy as np
 from tritonembed.benchmarks.flops import pass_flops, peak_flops, useful_flops
 from tritonembed.benchmarks.stats import latency_summary, ratio
 from tritonembed.errors import TritonEmbedError
+from tritonembed.export.onnx_export import onnx_files
+from tritonembed.export.validate import compare
+from tritonembed.model_repository.tokenization import pad_batch
 
 log = logging.getLogger("tritonembed.benchmarks.gpu")
 
@@ -85,16 +89,8 @@ def build_workload(export_dir: Path, texts: int = 512, short: int = 64) -> dict[
     return {"mixed": ids(workload_texts(texts)), "short": ids(short_sentences(short))}
 
 
-def pad_left(rows: Sequence[Sequence[int]], pad_id: int = PAD_ID) -> tuple[np.ndarray, np.ndarray]:
-    """Left-pad rows of ids to the longest (Qwen3's padding side)."""
-    longest = max(len(r) for r in rows)
-    ids = np.full((len(rows), longest), pad_id, dtype=np.int64)
-    mask = np.zeros((len(rows), longest), dtype=np.int64)
-    for i, row in enumerate(rows):
-        if row:
-            ids[i, longest - len(row):] = row
-            mask[i, longest - len(row):] = 1
-    return ids, mask
+#: Rows of ids left-padded to the longest with Qwen3's pad id: (input_ids, attention_mask).
+pad_left = functools.partial(pad_batch, pad_id=PAD_ID, side="left")
 
 
 def probe_rows(mixed: Sequence[Sequence[int]], lengths: Sequence[int] = PROBE_LENGTHS) -> list[list[int]]:
@@ -275,11 +271,9 @@ Run = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 def agreement(run: Run, reference: Any, precision: str) -> dict[str, Any]:
     """Cosine of the variant's embeddings of the probe rows (one padded batch) to the PyTorch fp32 reference."""
-    got, expected = run(reference["input_ids"], reference["attention_mask"]), reference["embedding"]
-    cos = (got * expected).sum(1) / np.maximum(np.linalg.norm(got, axis=1) * np.linalg.norm(expected, axis=1), 1e-30)
-    finite = bool(np.isfinite(got).all())
-    return {"min_cosine": round(float(cos.min()), 6), "mean_cosine": round(float(cos.mean()), 6), "finite": finite,
-            "tolerance": MIN_COSINE[precision], "ok": finite and bool(cos.min() >= MIN_COSINE[precision])}
+    cmp = compare(run(reference["input_ids"], reference["attention_mask"]), reference["embedding"])
+    return {"min_cosine": round(cmp.min_cosine, 6), "mean_cosine": round(cmp.mean_cosine, 6), "finite": cmp.finite,
+            "tolerance": MIN_COSINE[precision], "ok": cmp.finite and cmp.min_cosine >= MIN_COSINE[precision]}
 
 
 def bulk_phase(run: Run, shape: Any, mixed: Sequence[Sequence[int]], budget: int, seconds: float) -> dict[str, Any]:
@@ -351,7 +345,7 @@ def measure(model: Path, shape_name: str, precision: str, workload: dict[str, li
 
     shape = QWEN3_SHAPES[shape_name]
     result: dict[str, Any] = {"shape": shape_name, "precision": precision, "provider": provider,
-                              "model_bytes": sum(f.stat().st_size for f in model.parent.iterdir() if f.is_file())}
+                              "model_bytes": sum(f.stat().st_size for f in onnx_files(model))}
     before = gpu_memory(os.getpid())
     t0 = time.perf_counter()
     profile_dir = model.parent / "profile"

@@ -26,10 +26,7 @@ from tritonembed.export.probes import PROBE_TEXTS
 from tritonembed.export.resolve import ResolvedModel, resolve_model
 from tritonembed.export.validate import OnnxEncoder, compare, validate_against_reference
 from tritonembed.model_repository.tokenization import SpecTokenizer
-from tritonembed.spec import PRECISIONS, ModelSpec
-
-#: What an int4 model computes in between its 4-bit weights: float32 (CPU) or float16 (GPU).
-INT4_ACTIVATIONS = ("float32", "float16")
+from tritonembed.spec import INT4_ACTIVATIONS, PRECISIONS, ModelSpec
 
 log = logging.getLogger(__name__)
 

@@ -47,6 +47,7 @@ import numpy as np
 
 from tritonembed.errors import ExportError, ValidationError
 from tritonembed.export import embedding_int8, int8_pertoken
+from tritonembed.export.onnx_export import onnx_files
 
 if TYPE_CHECKING:  # pragma: no cover
     import onnx
@@ -546,10 +547,10 @@ def _drop_duplicate_nodes(model: onnx.ModelProto) -> int:
 
 def _single_link_copy(src: Path, scratch: Path) -> Path:
     """``src`` itself, or a copy in ``scratch`` when its external-data file has other hard links."""
-    data = src.with_name(src.name + "_data")  # the exporter's one data file (onnx_export.EXTERNAL_DATA_SUFFIX)
-    if not data.exists() or data.stat().st_nlink <= 1:
+    files = onnx_files(src)
+    if len(files) == 1 or files[1].stat().st_nlink <= 1:
         return src
-    for f in (src, data):
+    for f in files:
         shutil.copyfile(f, scratch / f.name)
     return scratch / src.name
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 
+from tritonembed.export.onnx_export import onnx_files
 from tritonembed.model_repository.configs import MICROBATCH_POOL_MAX_MODEL_BYTES, ServingOptions, checked_spinning
 from tritonembed.model_repository.microbatch_pool import MicroBatchPool
 from tritonembed.model_repository.stages import encode_requests
@@ -101,8 +102,7 @@ def run_encoder(session, input_ids, attention_mask):
 
 def model_bytes(model_path):
     """``model.onnx`` plus its external-data file, if any."""
-    data = model_path.with_name(model_path.name + "_data")
-    return model_path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+    return sum(f.stat().st_size for f in onnx_files(model_path))
 
 
 def pool_workers(requested: int, intra_op_threads: int, size: int) -> int:

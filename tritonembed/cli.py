@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from tritonembed.errors import TritonEmbedError
+from tritonembed.spec import INT4_ACTIVATIONS
 
 log = logging.getLogger("tritonembed")
 
@@ -42,7 +43,7 @@ def _add_export(sub) -> None:
     p.add_argument("--overwrite", action="store_true", default=env_default("overwrite", False, bool))
     p.add_argument("--skip-stsb", action="store_true", default=env_default("skip_stsb", False, bool),
                    help="do not measure STS-B Spearman for quantized real-weight models")
-    p.add_argument("--int4-activations", choices=("float32", "float16"), default=env_default("int4_activations", "float32"),
+    p.add_argument("--int4-activations", choices=INT4_ACTIVATIONS, default=env_default("int4_activations", "float32"),
                    help="int4 only: compute in float32 (CPU) or float16 (GPU: quantizes the fp16 graph; "
                         "docs/benchmarks-gpu.md)")
     p.set_defaults(func=cmd_export)

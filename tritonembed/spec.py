@@ -84,6 +84,8 @@ ENCODER_SUFFIX = "_encoder"
 SPEC_PARAMETER_KEY = "tritonembed_spec"
 
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
+#: What an int4 model computes in between its 4-bit weights: float32 (CPU) or float16 (GPU).
+INT4_ACTIVATIONS = ("float32", "float16")
 POOLINGS = ("last_token", "mean", "cls")
 
 
