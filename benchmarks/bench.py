@@ -21,6 +21,7 @@ Markdown tables and PNG plots.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -437,8 +438,7 @@ class Bench:
         from tritonembed.benchmarks.perf_analyzer import PerfAnalyzerError, run_perf_analyzer
         from tritonembed.client import EmbeddingClient
         from tritonembed.model_repository.configs import ServingOptions
-        from tritonembed.model_repository.encoder_model import model_bytes, pool_workers
-        from tritonembed.model_repository.microbatch_pool import MicroBatchPool
+        from tritonembed.model_repository.microbatch_pool import MicroBatchPool, model_bytes, pool_workers
         from tritonembed.model_repository.stages import encode_requests
 
         encoder = ort_encoder(export_dir, self.config.threads)  # one session for both bare-ORT legs
@@ -465,7 +465,7 @@ class Bench:
             return round(len(corpus) / (time.perf_counter() - t0), 2)
 
         out_rounds = []
-        with EmbeddingClient(server.grpc_url, model=spec.name) as client:
+        with EmbeddingClient(server.grpc_url, model=spec.name) as client, pool or contextlib.nullcontext():
             bare(short[:2]), client.embed(short[:2]), bare_planned(short[:2])  # warm-up
             if torch_embed is not None:
                 torch_embed.seconds(short[:2])
@@ -501,8 +501,6 @@ class Bench:
                 row["load_1min"] = round(load_average()[0], 2)
                 out_rounds.append(row)
                 log.info("paired round: %s", row)
-        if pool is not None:
-            pool.close()
         return summarize_paired(out_rounds, corpus_texts=len(corpus), corpus_tokens=corpus_tokens,
                                 short_texts=len(short) if short_latency else 0)
 

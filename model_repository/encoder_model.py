@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import os
 
-from tritonembed.export.onnx_export import onnx_files
-from tritonembed.model_repository.configs import MICROBATCH_POOL_MAX_MODEL_BYTES, ServingOptions, checked_spinning
-from tritonembed.model_repository.microbatch_pool import MicroBatchPool
+from tritonembed.model_repository.configs import ServingOptions, checked_spinning
+from tritonembed.model_repository.microbatch_pool import MicroBatchPool, model_bytes, pool_workers
 from tritonembed.model_repository.stages import encode_requests
 from tritonembed.model_repository.triton_adapter import (
     Counters,
@@ -99,14 +98,3 @@ def run_encoder(session, input_ids, attention_mask):
     """One micro-batch through an ONNX Runtime session: the embedding rows."""
     return session.run([ENCODER_EMBEDDING_NAME], {INPUT_IDS.name: input_ids, ATTENTION_MASK.name: attention_mask})[0]
 
-
-def model_bytes(model_path):
-    """``model.onnx`` plus its external-data file, if any."""
-    return sum(f.stat().st_size for f in onnx_files(model_path))
-
-
-def pool_workers(requested: int, intra_op_threads: int, size: int) -> int:
-    """The micro-batch workers to use: ``requested``, or 1 with fewer than 2 intra-op threads or a large model."""
-    if requested < 2 or intra_op_threads < 2 or size > MICROBATCH_POOL_MAX_MODEL_BYTES:
-        return 1
-    return requested

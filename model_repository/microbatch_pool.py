@@ -12,14 +12,37 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
+
+from tritonembed.export.onnx_export import onnx_files
+from tritonembed.model_repository.configs import MICROBATCH_POOL_MAX_MODEL_BYTES
 
 Batch = tuple[np.ndarray, np.ndarray]
 
 
+def model_bytes(model_path: Path) -> int:
+    """``model.onnx`` plus its external-data file, if any."""
+    return sum(f.stat().st_size for f in onnx_files(model_path))
+
+
+def pool_workers(requested: int, intra_op_threads: int, size: int) -> int:
+    """The micro-batch workers to use: ``requested``, or 1 (no pool) with fewer than 2 intra-op threads or a
+    model over :data:`~tritonembed.model_repository.configs.MICROBATCH_POOL_MAX_MODEL_BYTES`."""
+    if requested < 2 or intra_op_threads < 2 or size > MICROBATCH_POOL_MAX_MODEL_BYTES:
+        return 1
+    return requested
+
+
 class MicroBatchPool:
-    """``workers`` threads calling ``run_one`` (thread-safe, e.g. ``InferenceSession.run``) on a list of micro-batches."""
+    """``workers`` threads calling ``run_one`` (thread-safe, e.g. ``InferenceSession.run``) on a list of micro-batches.
+
+    A context manager: leaving the block shuts the threads down.
+
+    Raises:
+        ValueError: fewer than 2 workers.
+    """
 
     def __init__(self, run_one: Callable[[np.ndarray, np.ndarray], np.ndarray], workers: int) -> None:
         if workers < 2:
@@ -33,3 +56,9 @@ class MicroBatchPool:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+
+    def __enter__(self) -> MicroBatchPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

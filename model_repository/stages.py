@@ -6,7 +6,7 @@ that can be wrong is here and unit-tested without a server.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -184,13 +184,17 @@ def encode_requests(
     outputs: list[np.ndarray | None] = [None] * len(rows)
     stats = EncodeStats(rows=len(rows), real_tokens=int(sum(len(t) for t in rows)))
     plan = plan_microbatches([len(t) for t in rows], max_tokens, max_rows, min_fill)
-    padded = [pad_batch([rows[i] for i in batch], pad_id, padding_side) for batch in plan]
-    if run_batches is not None and len(padded) >= POOL_MIN_BATCHES:
-        embeddings = run_batches(padded)
+
+    def padded(batch: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        return pad_batch([rows[i] for i in batch], pad_id, padding_side)
+
+    embeddings: Iterable[np.ndarray]
+    if run_batches is not None and len(plan) >= POOL_MIN_BATCHES:
+        embeddings = run_batches([padded(batch) for batch in plan])  # the workers take them all at once
     else:
-        embeddings = [run(input_ids, mask) for input_ids, mask in padded]
-    for batch, (input_ids, _), emb in zip(plan, padded, embeddings, strict=True):
-        stats.padded_tokens += int(input_ids.size)
+        embeddings = (run(*padded(batch)) for batch in plan)  # one padded micro-batch alive at a time
+    for batch, emb in zip(plan, embeddings, strict=True):
+        stats.padded_tokens += len(batch) * max(len(rows[i]) for i in batch)
         stats.batches += 1
         stats.batch_rows.append(len(batch))
         for j, i in enumerate(batch):
