@@ -11,7 +11,9 @@ CUDA execution provider (onnxruntime-gpu)::
 Variants: ``fp32`` (the export), ``fp16`` (``quantize --precision fp16``), ``int4`` (weight-only
 4-bit ``MatMulNBits``, last layer 8-bit, 4-bit embedding table), ``w8`` (the same quantizer with
 every layer 8-bit: weight-only 8-bit ``MatMulNBits``), ``int8`` (the CPU int8 graph: per-token
-``MatMulIntegerToFloat``; measured to show where its nodes run, not as a GPU precision).
+``MatMulIntegerToFloat``; measured to show where its nodes run, not as a GPU precision), and
+``fp32-traced`` / ``fp16-traced``: the graph as torch traced it, without the exporter's static shapes
+(:mod:`tritonembed.export.static_shapes`), for a same-call A/B of what those cost on a GPU.
 
 Each measurement reports: where the nodes ran (ONNX Runtime's profiler, per provider), agreement
 with the PyTorch fp32 reference on probe rows (min cosine, with the tolerance of
@@ -50,13 +52,16 @@ from tritonembed.model_repository.tokenization import pad_batch
 
 log = logging.getLogger("tritonembed.benchmarks.gpu")
 
-PRECISIONS = ("fp32", "fp16", "w8", "int4", "w8-fp16", "int4-fp16", "int8")
+PRECISIONS = ("fp32", "fp16", "w8", "int4", "w8-fp16", "int4-fp16", "int8", "fp32-traced", "fp16-traced")
 #: Variants quantized from the fp16 graph (fp16 activations) rather than from the fp32 export.
 FROM_FP16 = ("w8-fp16", "int4-fp16")
+#: Variants of the traced graph (exported again with ``static_shapes=False``).
+TRACED = ("fp32-traced", "fp16-traced")
 #: Minimum cosine to the PyTorch fp32 reference per variant. fp32 on a GPU may use TF32 matmuls.
 #: The quantized variants of a random-weight model have no quality to keep; their bound only
 #: catches a broken graph (NaN, wrong rows), and the measured value is reported.
-MIN_COSINE = {"fp32": 0.999, "fp16": 0.99, "w8": 0.98, "int4": 0.5, "w8-fp16": 0.98, "int4-fp16": 0.5, "int8": 0.5}
+MIN_COSINE = {"fp32": 0.999, "fp16": 0.99, "w8": 0.98, "int4": 0.5, "w8-fp16": 0.98, "int4-fp16": 0.5, "int8": 0.5,
+              "fp32-traced": 0.999, "fp16-traced": 0.99}
 PAD_ID = 151643  # Qwen3: <|endoftext|>, padding on the left
 PROBE_LENGTHS = (1, 3, 9, 33, 77, 150, 301, 512)
 FIXED_SHAPE = (64, 512)
@@ -150,6 +155,9 @@ def prepare(shape_name: str, workdir: Path, precisions: Sequence[str], probes: S
     log.info("%s: model built and reference computed in %.0f s", shape_name, time.perf_counter() - started)
     fp32 = export_onnx(encoder, out / "fp32" / "model.onnx")
     (fp32.parent / DONE).touch()
+    if any(p in TRACED for p in precisions):
+        traced = export_onnx(encoder, out / "fp32-traced" / "model.onnx", static_shapes=False)
+        (traced.parent / DONE).touch()
     del encoder, backbone
     log.info("%s: fp32 exported at %.0f s", shape_name, time.perf_counter() - started)
     lanes = [lane for lane in quantize_lanes(precisions) if lane]
@@ -161,7 +169,7 @@ def prepare(shape_name: str, workdir: Path, precisions: Sequence[str], probes: S
 
 def quantize_lanes(precisions: Sequence[str]) -> tuple[list[str], list[str]]:
     """(the variants made from fp32, [fp16 and the variants made from it]) -- fp16 joins when one needs it."""
-    wanted = [p for p in precisions if p != "fp32"]
+    wanted = [p for p in precisions if p not in ("fp32", "fp32-traced")]
     from_fp16 = [p for p in wanted if p in FROM_FP16]
     from_fp32 = [p for p in wanted if p not in FROM_FP16 and p != "fp16"]
     return from_fp32, (["fp16"] if from_fp16 or "fp16" in wanted else []) + from_fp16
@@ -175,7 +183,9 @@ def _quantize_lane(out: Path, precisions: Sequence[str], started: float) -> None
     for precision in precisions:
         target = out / precision / "model.onnx"
         source = out / ("fp16" if precision in FROM_FP16 else "fp32") / "model.onnx"
-        if precision.startswith("w8"):
+        if precision == "fp16-traced":
+            quantize_onnx(out / "fp32-traced" / "model.onnx", target, "fp16")
+        elif precision.startswith("w8"):
             quantize_onnx(source, target, "int4", int4_8bit_last_layers=10**6)
         elif precision.startswith("int4"):
             quantize_onnx(source, target, "int4")

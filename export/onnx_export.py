@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import warnings
 from pathlib import Path
+from typing import Any
 
 from tritonembed.errors import ExportError
 from tritonembed.spec import ATTENTION_MASK, ENCODER_EMBEDDING_NAME, INPUT_IDS, ModelSpec
@@ -55,8 +56,13 @@ def build_pooled_encoder(backbone, spec: ModelSpec):
     return PooledEncoder().eval()
 
 
-def export_onnx(encoder, output: Path, *, example_length: int = 16) -> Path:
+def export_onnx(encoder, output: Path, *, example_length: int = 16, static_shapes: bool = True,
+                graph_report: dict[str, Any] | None = None) -> Path:
     """Trace ``encoder`` to ``output`` (dynamic batch and sequence axes), one external-data file if > 2 GB.
+
+    With ``static_shapes``, the traced shape arithmetic is replaced by constants where that is provably
+    the same graph (:mod:`tritonembed.export.static_shapes`); what was done goes into ``graph_report``
+    (key ``static_shapes``) when one is given.
 
     Raises:
         ExportError: tracing or saving failed.
@@ -92,7 +98,14 @@ def export_onnx(encoder, output: Path, *, example_length: int = 16) -> Path:
             )
     except Exception as exc:  # torch raises a zoo of tracer/exporter exceptions
         raise ExportError(f"torch.onnx.export failed: {type(exc).__name__}: {exc}") from exc
-    save_onnx(onnx.load(str(staged), load_external_data=True), output)
+    model = onnx.load(str(staged), load_external_data=True)
+    if static_shapes:
+        from tritonembed.export.static_shapes import freeze_shape_inputs
+
+        frozen = freeze_shape_inputs(model)
+        if graph_report is not None:
+            graph_report["static_shapes"] = frozen.to_dict()
+    save_onnx(model, output)
     for leftover in staging.iterdir():
         leftover.unlink()
     staging.rmdir()

@@ -33,8 +33,8 @@ log = logging.getLogger(__name__)
 REPORT_FILENAME = "report.json"
 # Bumped whenever the same arguments start producing a different export (a new quantization method, a
 # graph change): caches keyed on it (``tritonembed serve``) then re-export instead of serving stale files.
-# 2: int8 with per-token activation scales. 3: int8 embedding tables as 8-bit blocks.
-EXPORT_REVISION = 3
+# 2: int8 with per-token activation scales. 3: int8 embedding tables as 8-bit blocks. 4: static shapes.
+EXPORT_REVISION = 4
 # Quality targets on STS-B (Spearman x100 drop versus FP32, real-weight models only).
 STSB_MAX_DROP = {"fp16": 0.1, "int8": 0.5, "int4": 2.0}
 # Floors on the probe set versus the FP32 export: below these a quantized export is broken, not just lossy.
@@ -56,6 +56,7 @@ class ExportReport:
     files: dict[str, int] = field(default_factory=dict)
     export_seconds: float = 0.0
     validation: dict[str, Any] = field(default_factory=dict)
+    graph: dict[str, Any] = field(default_factory=dict)  # what was done to the traced graph (static shapes)
     quantization: dict[str, Any] = field(default_factory=dict)
     stsb: dict[str, Any] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
@@ -183,7 +184,7 @@ def _export_into(staging: Path, resolved: ResolvedModel, family: ModelFamily, sp
     fp32_path = fp32_dir / spec.onnx_file
     log.info("exporting %s to ONNX (fp32)", resolved.model_id)
     backbone = family.load_backbone(resolved.path)
-    export_onnx(build_pooled_encoder(backbone, spec), fp32_path)
+    export_onnx(build_pooled_encoder(backbone, spec), fp32_path, graph_report=report.graph)
     del backbone
 
     reference = family.reference_embed(resolved.path, PROBE_TEXTS, spec)

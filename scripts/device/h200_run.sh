@@ -8,9 +8,10 @@
 #   python -m tritonembed.benchmarks.gpu workload --export-dir <a random-qwen3 export> -o .gpu/workload.json
 # On a normal GPU box none of this is needed: pip install onnxruntime-gpu nvidia-ml-py, then the commands below.
 # Phases: all (0.6B prepare + measure while 4B prepares in the background, then 4B) | fp16 (0.6B fp16 variants)
-#   | remaining (what the first GPU session could not measure: 0.6B w8-fp16 beside fp16, then the 4B fp16,
-#     int4-fp16 and w8-fp16 rows; every variant was loaded and run on onnxruntime 1.31.1's CPU provider
-#     first, on the tiny shape, so a converter/loader mismatch shows here, not on device time)
+#   | remaining (what the first GPU session could not measure: 0.6B fp16 with and without the exporter's
+#     static shapes, and w8-fp16, then the 4B fp16, int4-fp16 and w8-fp16 rows; every variant was loaded
+#     and run on onnxruntime 1.31.1's CPU provider first, on the tiny shape, so a converter/loader mismatch
+#     shows here, not on device time)
 set -u
 PHASE=${1:-all}
 R=$PWD
@@ -73,8 +74,8 @@ if [ "$PHASE" = remaining ]; then
   mkdir -p $W
   setsid nohup taskset -c 6-15 python3 -m tritonembed.benchmarks.gpu prepare --shapes 4B \
     --precisions fp16,int4-fp16,w8-fp16 --workdir $W --workload $R/.gpu/workload.json > $W/prepare-4B.log 2>&1 < /dev/null &
-  taskset -c 0-5 timeout 240 python3 -m tritonembed.benchmarks.gpu run --shapes 0.6B \
-    --precisions fp16,w8-fp16 --workdir $W --workload $R/.gpu/workload.json \
+  taskset -c 0-5 timeout 270 python3 -m tritonembed.benchmarks.gpu run --shapes 0.6B \
+    --precisions fp16,fp16-traced,w8-fp16 --workdir $W --workload $R/.gpu/workload.json \
     --max-tokens 4096,16384,65536 --seconds 2 -o $OUT/gpu-0.6B-w8.json 2>&1 | grep -v "^INFO\|quantize" | tail -20
   el "0.6B done"
   LEFT=$(( 560 - ($(date +%s) - T0) ))

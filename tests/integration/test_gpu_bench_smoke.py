@@ -31,13 +31,13 @@ def test_gpu_bench_runs_on_the_cpu_provider(qwen_export: Path, tmp_path: Path) -
     assert all(row[-1] == 151643 for row in ids["mixed"])  # Qwen3's appended <|endoftext|>
 
     output = tmp_path / "gpu.json"
-    _gpu_bench("run", "--shapes", "tiny", "--precisions", "fp32,int4-fp16", "--provider", "cpu", "--threads", "1",
+    _gpu_bench("run", "--shapes", "tiny", "--precisions", "fp32,fp16,int4-fp16,fp16-traced", "--provider", "cpu", "--threads", "1",
                "--workdir", str(tmp_path / "work"), "--workload", str(workload), "--max-tokens", "256,1024",
                "--seconds", "0.05", "-o", str(output))
     result = json.loads(output.read_text())
     assert result["workload"]["mixed_texts"] == 64 and "CPUExecutionProvider" in result["system"]["providers"]
     rows = {r["precision"]: r for r in result["results"]}
-    assert set(rows) == {"fp32", "int4-fp16"}
+    assert set(rows) == {"fp32", "fp16", "int4-fp16", "fp16-traced"}
     for precision, row in rows.items():
         assert "error" not in row, row.get("error")
         assert row["reference"]["ok"] and row["reference"]["finite"], row["reference"]
@@ -49,4 +49,7 @@ def test_gpu_bench_runs_on_the_cpu_provider(qwen_export: Path, tmp_path: Path) -
         assert row["fixed"]["tflops"] > 0 and row["model_bytes"] > 0
         assert row["placement"]["nodes"].get("CPUExecutionProvider", 0) > 0
     assert rows["fp32"]["reference"]["min_cosine"] >= 0.999
+    # the traced graph keeps the shape arithmetic that static shapes removed, and computes the same
+    nodes = {p: sum(rows[p]["placement"]["nodes"].values()) for p in ("fp16", "fp16-traced")}
+    assert nodes["fp16-traced"] > nodes["fp16"], nodes
     assert (tmp_path / "work" / "tiny" / "int4-fp16" / "DONE").exists()

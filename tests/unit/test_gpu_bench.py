@@ -70,7 +70,8 @@ def test_placement_counts_kernels_and_time_per_provider(tmp_path) -> None:
     (["fp32", "int4", "int4-fp16"], (["int4"], ["fp16", "int4-fp16"])),  # fp16 made first, for int4-fp16
     (["fp32"], ([], [])),
     (["fp16", "w8", "int8"], (["w8", "int8"], ["fp16"])),
-    (["w8-fp16", "fp16"], ([], ["fp16", "w8-fp16"]))])
+    (["w8-fp16", "fp16"], ([], ["fp16", "w8-fp16"])),
+    (["fp16", "fp16-traced", "fp32-traced"], (["fp16-traced"], ["fp16"]))])  # fp32-traced is exported, not quantized
 def test_quantize_lanes(precisions: list[str], lanes: tuple[list[str], list[str]]) -> None:
     assert quantize_lanes(precisions) == lanes
 

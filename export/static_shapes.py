@@ -1,0 +1,213 @@
+"""Replace the shape arithmetic of a traced graph with constants where the shapes prove it safe.
+
+The TorchScript exporter traces ``x.view(*x.shape[:-1], heads, head_dim)`` as
+``Reshape(x, Concat(Unsqueeze(Gather(Shape(x), 0)), Unsqueeze(Gather(Shape(x), 1)), heads, head_dim))``:
+four to ten small nodes per Reshape or Expand, hundreds per model (1,300 in the Qwen3-0.6B shape after
+ONNX Runtime's own optimizations, all of them placed on the CPU by its CUDA provider). Where symbolic
+shape inference shows that each output dimension is either a number or the input's dimension at the
+same position, the shape input can be the constant ``[0, 0, heads, head_dim]`` (ONNX ``Reshape``: 0
+copies the input's dimension, -1 takes what is left; ``Expand``: 1 keeps the input's dimension), and the
+arithmetic that computed it becomes dead.
+
+Safety: dimensions are compared as symbols from ONNX Runtime's symbolic shape inference. Where the graph
+only runs if two dimensions agree (a broadcast), that inference records a *merge*; a merge of a derived
+expression into an input dimension (BERT's ``Min(512, sequence)`` into ``sequence``) restates what the
+original graph already requires, but a merge that renames an input dimension or fixes one to a number
+would be an assumption of ours, so then nothing is rewritten. The export pipeline then checks the result
+against PyTorch on batches of several lengths and paddings (``validate``), as for every export.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+# Float initializers with more elements than this are given to shape inference as typed graph inputs
+# instead of values: their shapes are all it needs, and a copy of a 16 GB model's weights would not fit.
+_VALUE_ELEMENTS_KEPT = 64
+_SUFFIX = "_static_shape"
+Dim = int | str
+
+
+@dataclass
+class StaticShapesReport:
+    """What :func:`freeze_shape_inputs` did."""
+
+    frozen: int = 0  # Reshape / Expand nodes whose shape input became a constant
+    nodes_before: int = 0
+    nodes_after: int = 0
+    skipped: list[str] = field(default_factory=list)  # why nothing was rewritten, when it was not
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"frozen": self.frozen, "nodes_before": self.nodes_before, "nodes_after": self.nodes_after,
+                "skipped": self.skipped}
+
+
+def freeze_shape_inputs(model: Any) -> StaticShapesReport:
+    """Rewrite ``model`` (an ``onnx.ModelProto``, in place) as the module docstring describes.
+
+    Never raises for a graph it cannot analyse: it leaves that graph unchanged and says why in the
+    report's ``skipped``.
+    """
+    report = StaticShapesReport(nodes_before=len(model.graph.node), nodes_after=len(model.graph.node))
+    if any(a.type in (a.GRAPH, a.GRAPHS) for node in model.graph.node for a in node.attribute):
+        report.skipped.append("the graph has subgraphs (If/Loop/Scan); not analysed")
+        return report
+    try:
+        shapes, merges, input_symbols = _symbolic_shapes(model)
+    except Exception as exc:  # the inference is best effort; an unanalysable graph stays as it is
+        report.skipped.append(f"symbolic shape inference failed: {type(exc).__name__}: {exc}")
+        return report
+    unsafe = unsafe_merges(merges, input_symbols)
+    if unsafe:
+        report.skipped.append(f"shape inference had to assume {', '.join(unsafe)}; graph left as exported")
+        return report
+
+    from onnx import numpy_helper
+
+    graph = model.graph
+    constant = {t.name for t in graph.initializer} | {n.output[0] for n in graph.node if n.op_type == "Constant"}
+    for node in graph.node:
+        if node.op_type not in ("Reshape", "Expand") or len(node.input) < 2 or node.input[1] in constant:
+            continue
+        if node.op_type == "Reshape" and any(a.name == "allowzero" and a.i for a in node.attribute):
+            continue  # there 0 means an empty dimension, not "copy"
+        source, target = shapes.get(node.input[0]), shapes.get(node.output[0])
+        if source is None or target is None:
+            continue
+        value = (reshape_target if node.op_type == "Reshape" else expand_target)(source, target)
+        if value is None:
+            continue
+        name = node.output[0] + _SUFFIX
+        graph.initializer.append(numpy_helper.from_array(np.array(value, dtype=np.int64), name))
+        node.input[1] = name
+        report.frozen += 1
+    if report.frozen:
+        _drop_dead_nodes(model)
+    report.nodes_after = len(graph.node)
+    log.info("static shapes: %d Reshape/Expand shape inputs made constant, %d -> %d nodes",
+             report.frozen, report.nodes_before, report.nodes_after)
+    return report
+
+
+def reshape_target(source: list[Dim | None], target: list[Dim | None]) -> list[int] | None:
+    """A constant ``Reshape`` shape giving ``target`` from ``source`` for every value of the symbols, or None.
+
+    Each output dimension is a positive number, or 0 where it is the input's dimension at the same
+    position; at most one other dimension becomes -1.
+    """
+    if any(d is None for d in target):
+        return None
+    value = []
+    for i, dim in enumerate(target):
+        if isinstance(dim, int) and dim > 0:
+            value.append(dim)
+        elif i < len(source) and source[i] is not None and source[i] == dim:
+            value.append(0)
+        else:
+            value.append(-1)
+    return value if value.count(-1) <= 1 else None
+
+
+def expand_target(source: list[Dim | None], target: list[Dim | None]) -> list[int] | None:
+    """A constant ``Expand`` shape giving ``target`` from ``source`` for every value of the symbols, or None.
+
+    1 keeps a dimension (``target`` equals ``source`` there); a number broadcasts a dimension of 1.
+    """
+    if len(source) != len(target) or any(d is None for d in source) or any(d is None for d in target):
+        return None
+    value = []
+    for have, want in zip(source, target):
+        if have == want:
+            value.append(1)
+        elif have == 1 and isinstance(want, int):
+            value.append(want)
+        else:
+            return None
+    return value
+
+
+def unsafe_merges(merges: dict[str, Dim], input_symbols: set[str]) -> list[str]:
+    """The merges that are assumptions: renaming an input dimension, or making any dimension a number."""
+    return [f"{k} == {v}" for k, v in sorted(merges.items(), key=str)
+            if k in input_symbols or not isinstance(v, str) or v not in input_symbols]
+
+
+def _symbolic_shapes(model: Any) -> tuple[dict[str, list[Dim | None]], dict[str, Dim], set[str]]:
+    """Every tensor's shape (numbers and symbol names) by ONNX Runtime's symbolic shape inference on a
+    weightless copy of ``model``, with the merges it needed and the graph inputs' symbols.
+
+    Raises:
+        whatever the inference raises (the caller catches it); RuntimeError: shapes left incomplete.
+    """
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    inference = SymbolicShapeInference(int_max=2**31 - 1, auto_merge=True, guess_output_rank=False, verbose=0)
+    complete = False
+    inference._preprocess(_weightless(model))
+    while inference.run_:
+        complete = inference._infer_impl()
+    inference._update_output_from_vi()
+    if not complete:
+        raise RuntimeError("shapes left incomplete")
+    graph = inference.out_mp_.graph
+    shapes = {vi.name: _dims(vi) for vi in (*graph.value_info, *graph.input, *graph.output)}
+    # from the model itself: the inference renames an input dimension it merged away
+    input_symbols = {d.dim_param for value in model.graph.input for d in value.type.tensor_type.shape.dim
+                     if d.dim_param}
+    return shapes, dict(inference.suggested_merge_), input_symbols
+
+
+def _weightless(model: Any) -> Any:
+    """``model`` without the values of its large float initializers (typed graph inputs instead)."""
+    import onnx
+    from onnx import helper
+
+    light = onnx.ModelProto()
+    light.ir_version = model.ir_version
+    light.opset_import.extend(model.opset_import)
+    graph = light.graph
+    graph.name = model.graph.name
+    graph.node.extend(model.graph.node)
+    graph.input.extend(model.graph.input)
+    graph.output.extend(model.graph.output)
+    for tensor in model.graph.initializer:
+        if tensor.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32) or \
+                int(np.prod(tensor.dims, dtype=np.int64)) <= _VALUE_ELEMENTS_KEPT:
+            graph.initializer.append(tensor)
+        else:
+            graph.input.append(helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
+    return light
+
+
+def _dims(value_info: Any) -> list[Dim | None] | None:
+    tensor_type = value_info.type.tensor_type
+    if not tensor_type.HasField("shape"):
+        return None
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor_type.shape.dim]
+
+
+def _drop_dead_nodes(model: Any) -> None:
+    """Remove nodes (and initializers, value_info) that no graph output depends on any more."""
+    graph = model.graph
+    needed = {o.name for o in graph.output}
+    live = []
+    for node in reversed(graph.node):
+        if any(o in needed for o in node.output):
+            live.append(node)
+            needed.update(node.input)
+    live.reverse()
+    del graph.node[:]
+    graph.node.extend(live)
+    kept = [t for t in graph.initializer if t.name in needed]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    produced = {o for node in live for o in node.output}
+    value_info = [v for v in graph.value_info if v.name in produced]
+    del graph.value_info[:]
+    graph.value_info.extend(value_info)

@@ -1,0 +1,127 @@
+"""Static shapes: the constant each Reshape/Expand gets, when the rewrite refuses, and graphs that stay equal."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from tritonembed.export.static_shapes import expand_target, freeze_shape_inputs, reshape_target, unsafe_merges
+
+
+@pytest.mark.parametrize(("source", "target", "expected"), [
+    (["batch", "sequence", 1024], ["batch", "sequence", 16, 64], [0, 0, 16, 64]),  # split heads
+    (["batch", "sequence", 16, 64], ["batch", "sequence", 1024], [0, 0, 1024]),  # merge heads
+    (["batch", 8, 2, "sequence", 64], ["batch", 16, "sequence", 64], [0, 16, -1, 64]),  # repeat_kv
+    (["batch", "sequence"], ["sequence", "batch"], None),  # two dimensions move: no constant says that
+    (["batch", "sequence", 8], ["batch", None, 8], None),  # an unknown output dimension
+    (["unk__1"], ["batch", "sequence"], None),  # flattened and split again: two dimensions unknown
+    ([None, "sequence"], ["batch", "sequence"], [-1, 0]),
+])
+def test_reshape_target(source, target, expected) -> None:
+    assert reshape_target(source, target) == expected
+
+
+@pytest.mark.parametrize(("source", "target", "expected"), [
+    (["batch", 8, 1, "sequence", 64], ["batch", 8, 2, "sequence", 64], [1, 1, 2, 1, 1]),
+    ([1, 512], [1, 512], [1, 1]),
+    ([1, "sequence"], ["batch", "sequence"], None),  # broadcasting 1 to a symbol needs that symbol's value
+    (["batch", "sequence"], ["batch", 1, "sequence"], None),  # rank changes
+    (["batch", None], ["batch", "sequence"], None),
+])
+def test_expand_target(source, target, expected) -> None:
+    assert expand_target(source, target) == expected
+
+
+def test_only_merges_into_input_dimensions_are_safe() -> None:
+    inputs = {"batch", "sequence"}
+    assert unsafe_merges({"Min(512, sequence)": "sequence", "unk__3": "batch"}, inputs) == []
+    assert unsafe_merges({"sequence": "batch"}, inputs) == ["sequence == batch"]
+    assert unsafe_merges({"unk__1": 1}, inputs) == ["unk__1 == 1"]
+    assert unsafe_merges({"unk__1": "unk__2"}, inputs) == ["unk__1 == unk__2"]
+
+
+def _model(nodes, inputs, outputs, initializers=()) -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, "g", inputs, outputs, list(initializers))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def _ints(name: str, values) -> onnx.TensorProto:
+    return numpy_helper.from_array(np.array(values, dtype=np.int64), name)
+
+
+def _split_heads_model() -> onnx.ModelProto:
+    """What the tracer writes for ``x.view(b, s, 2, 4).transpose(1, 2)`` then a repeat of the heads."""
+    nodes = [
+        helper.make_node("Shape", ["x"], ["shape"]),
+        helper.make_node("Gather", ["shape", "zero"], ["b"], axis=0),
+        helper.make_node("Gather", ["shape", "one"], ["s"], axis=0),
+        helper.make_node("Unsqueeze", ["b", "axes0"], ["b1"]),
+        helper.make_node("Unsqueeze", ["s", "axes0"], ["s1"]),
+        helper.make_node("Concat", ["b1", "s1", "heads"], ["target"], axis=0),
+        helper.make_node("Reshape", ["x", "target"], ["split"]),
+        helper.make_node("Transpose", ["split"], ["t"], perm=[0, 2, 1, 3]),
+        helper.make_node("Unsqueeze", ["t", "axes2"], ["t5"]),
+        helper.make_node("Shape", ["t5"], ["shape5"]),
+        helper.make_node("Mul", ["shape5", "rep"], ["expanded_shape"]),
+        helper.make_node("Expand", ["t5", "expanded_shape"], ["e"]),
+        helper.make_node("Reshape", ["e", "merge"], ["y"]),
+    ]
+    initializers = [_ints("zero", 0), _ints("one", 1), _ints("axes0", [0]), _ints("axes2", [2]),
+                    _ints("heads", [2, 4]), _ints("rep", [1, 1, 3, 1, 1]), _ints("merge", [0, 6, -1, 4])]
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "sequence", 8])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 6, "sequence", 4])], initializers)
+
+
+def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})[0]
+
+
+def test_traced_shape_arithmetic_becomes_constants_and_the_graph_computes_the_same() -> None:
+    original = _split_heads_model()
+    model = _split_heads_model()
+    report = freeze_shape_inputs(model)
+    assert report.skipped == []
+    assert report.frozen == 2  # the Reshape from Concat and the Expand from Mul; the last Reshape was constant
+    assert report.nodes_before == 13 and report.nodes_after == len(model.graph.node) == 5
+    assert {n.op_type for n in model.graph.node} == {"Reshape", "Transpose", "Unsqueeze", "Expand"}
+    onnx.checker.check_model(model)
+    rng = np.random.default_rng(0)
+    for batch, sequence in ((1, 1), (1, 9), (3, 5), (4, 33)):
+        x = rng.standard_normal((batch, sequence, 8)).astype(np.float32)
+        np.testing.assert_array_equal(_run(model, x), _run(original, x))
+
+
+def test_a_merge_that_assumes_equal_inputs_leaves_the_graph_alone() -> None:
+    """``x[batch] + y[sequence]`` only runs when the two agree (or one is 1): inferring through it
+    needs the assumption batch == sequence, which the rewrite must not build on."""
+    nodes = [
+        helper.make_node("Add", ["x", "y"], ["z"]),
+        helper.make_node("Shape", ["z"], ["shape"]),
+        helper.make_node("Reshape", ["z", "shape"], ["out"]),
+    ]
+    model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch"]),
+                           helper.make_tensor_value_info("y", TensorProto.FLOAT, ["sequence"])],
+                   [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["n"])])
+    before = model.SerializeToString()
+    report = freeze_shape_inputs(model)
+    assert report.frozen == 0 and report.skipped and "assume" in report.skipped[0]
+    assert model.SerializeToString() == before
+
+
+def test_graphs_with_subgraphs_are_not_analysed() -> None:
+    branch = helper.make_graph([helper.make_node("Identity", ["x"], ["r"])], "b", [],
+                               [helper.make_tensor_value_info("r", TensorProto.FLOAT, ["batch"])])
+    nodes = [helper.make_node("If", ["c"], ["y"], then_branch=branch, else_branch=branch)]
+    model = _model(nodes, [helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+                           helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch"])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch"])])
+    report = freeze_shape_inputs(model)
+    assert report.frozen == 0 and "subgraphs" in report.skipped[0]
+    assert len(model.graph.node) == 1
