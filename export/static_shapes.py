@@ -7,7 +7,9 @@ ONNX Runtime's own optimizations, all of them placed on the CPU by its CUDA prov
 shape inference shows that each output dimension is either a number or the input's dimension at the
 same position, the shape input can be the constant ``[0, 0, heads, head_dim]`` (ONNX ``Reshape``: 0
 copies the input's dimension, -1 takes what is left; ``Expand``: 1 keeps the input's dimension), and the
-arithmetic that computed it becomes dead.
+arithmetic that computed it becomes dead. Integer tensors whose value the inference knows outright (Qwen3's
+``x.shape[-1] // 2`` for the rotary split: ``Shape → Gather → Div → Unsqueeze``, twice per layer) become
+constants too.
 
 Safety: dimensions are compared as symbols from ONNX Runtime's symbolic shape inference. Where the graph
 only runs if two dimensions agree (a broadcast), that inference records a *merge*; a merge of a derived
@@ -31,6 +33,7 @@ log = logging.getLogger(__name__)
 # instead of values: their shapes are all it needs, and a copy of a 16 GB model's weights would not fit.
 _VALUE_ELEMENTS_KEPT = 64
 _SUFFIX = "_static_shape"
+_INTEGER_TYPES = {7: np.int64, 6: np.int32}  # onnx.TensorProto.INT64 / INT32
 Dim = int | str
 
 
@@ -39,13 +42,14 @@ class StaticShapesReport:
     """What :func:`freeze_shape_inputs` did."""
 
     frozen: int = 0  # Reshape / Expand nodes whose shape input became a constant
+    constants: int = 0  # other integer tensors with a known value, now constants
     nodes_before: int = 0
     nodes_after: int = 0
     skipped: list[str] = field(default_factory=list)  # why nothing was rewritten, when it was not
 
     def to_dict(self) -> dict[str, Any]:
-        return {"frozen": self.frozen, "nodes_before": self.nodes_before, "nodes_after": self.nodes_after,
-                "skipped": self.skipped}
+        return {"frozen": self.frozen, "constants": self.constants, "nodes_before": self.nodes_before,
+                "nodes_after": self.nodes_after, "skipped": self.skipped}
 
 
 def freeze_shape_inputs(model: Any) -> StaticShapesReport:
@@ -59,7 +63,7 @@ def freeze_shape_inputs(model: Any) -> StaticShapesReport:
         report.skipped.append("the graph has subgraphs (If/Loop/Scan); not analysed")
         return report
     try:
-        shapes, merges, input_symbols = _symbolic_shapes(model)
+        shapes, values, merges, input_symbols = _symbolic_shapes(model)
     except Exception as exc:  # the inference is best effort; an unanalysable graph stays as it is
         report.skipped.append(f"symbolic shape inference failed: {type(exc).__name__}: {exc}")
         return report
@@ -87,11 +91,23 @@ def freeze_shape_inputs(model: Any) -> StaticShapesReport:
         graph.initializer.append(numpy_helper.from_array(np.array(value, dtype=np.int64), name))
         node.input[1] = name
         report.frozen += 1
-    if report.frozen:
+    outputs = {o.name for o in graph.output}
+    replaced: dict[str, str] = {}
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name not in values or name in constant or name in outputs:
+                continue
+            if name not in replaced:
+                replaced[name] = name + _SUFFIX
+                value, dtype = values[name]
+                graph.initializer.append(numpy_helper.from_array(np.array(value, dtype=dtype), replaced[name]))
+            node.input[i] = replaced[name]
+    report.constants = len(replaced)
+    if report.frozen or report.constants:
         _drop_dead_nodes(model)
     report.nodes_after = len(graph.node)
-    log.info("static shapes: %d Reshape/Expand shape inputs made constant, %d -> %d nodes",
-             report.frozen, report.nodes_before, report.nodes_after)
+    log.info("static shapes: %d Reshape/Expand shape inputs and %d other integer tensors made constant, %d -> %d nodes",
+             report.frozen, report.constants, report.nodes_before, report.nodes_after)
     return report
 
 
@@ -138,9 +154,11 @@ def unsafe_merges(merges: dict[str, Dim], input_symbols: set[str]) -> list[str]:
             if k in input_symbols or not isinstance(v, str) or v not in input_symbols]
 
 
-def _symbolic_shapes(model: Any) -> tuple[dict[str, list[Dim | None]], dict[str, Dim], set[str]]:
+def _symbolic_shapes(model: Any) -> tuple[dict[str, list[Dim | None]], dict[str, tuple[Any, Any]],
+                                          dict[str, Dim], set[str]]:
     """Every tensor's shape (numbers and symbol names) by ONNX Runtime's symbolic shape inference on a
-    weightless copy of ``model``, with the merges it needed and the graph inputs' symbols.
+    weightless copy of ``model``; the integer tensors whose value it knows (``{name: (value, numpy dtype)}``,
+    a scalar or a 1-D list); the merges it needed; the graph inputs' symbols.
 
     Raises:
         whatever the inference raises (the caller catches it); RuntimeError: shapes left incomplete.
@@ -157,10 +175,28 @@ def _symbolic_shapes(model: Any) -> tuple[dict[str, list[Dim | None]], dict[str,
         raise RuntimeError("shapes left incomplete")
     graph = inference.out_mp_.graph
     shapes = {vi.name: _dims(vi) for vi in (*graph.value_info, *graph.input, *graph.output)}
+    dtypes = {vi.name: vi.type.tensor_type.elem_type for vi in graph.value_info}
+    values = {}
+    for name, value in inference.sympy_data_.items():
+        dtype = _INTEGER_TYPES.get(dtypes.get(name))
+        literal = _literal(value)
+        if dtype is not None and literal is not None and len(shapes.get(name) or ()) == np.ndim(literal):
+            values[name] = (literal, dtype)
     # from the model itself: the inference renames an input dimension it merged away
     input_symbols = {d.dim_param for value in model.graph.input for d in value.type.tensor_type.shape.dim
                      if d.dim_param}
-    return shapes, dict(inference.suggested_merge_), input_symbols
+    return shapes, values, dict(inference.suggested_merge_), input_symbols
+
+
+def _literal(value: Any) -> int | list[int] | None:
+    """A scalar or 1-D value of plain integers, or None (a symbol, a nested list, a float)."""
+    import sympy
+
+    items = value if isinstance(value, list) else [value]
+    if not all(isinstance(x, int | sympy.Integer) and not isinstance(x, bool) for x in items):
+        return None
+    ints = [int(x) for x in items]
+    return ints if isinstance(value, list) else ints[0]
 
 
 def _weightless(model: Any) -> Any:

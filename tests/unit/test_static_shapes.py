@@ -125,3 +125,25 @@ def test_graphs_with_subgraphs_are_not_analysed() -> None:
     report = freeze_shape_inputs(model)
     assert report.frozen == 0 and "subgraphs" in report.skipped[0]
     assert len(model.graph.node) == 1
+
+
+def test_integer_values_known_from_the_shapes_become_constants() -> None:
+    """Qwen3's rotate_half: ``x[..., : x.shape[-1] // 2]`` with a static last dimension."""
+    nodes = [
+        helper.make_node("Shape", ["x"], ["shape"]),
+        helper.make_node("Gather", ["shape", "last"], ["width"], axis=0),
+        helper.make_node("Div", ["width", "two"], ["half"]),
+        helper.make_node("Unsqueeze", ["half", "axes0"], ["end"]),
+        helper.make_node("Slice", ["x", "start", "end", "axis"], ["y"]),
+    ]
+    initializers = [_ints("last", -1), _ints("two", 2), _ints("axes0", [0]), _ints("start", [0]), _ints("axis", [-1])]
+    model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "sequence", 8])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "sequence", 4])], initializers)
+    original = onnx.ModelProto()
+    original.CopyFrom(model)
+    report = freeze_shape_inputs(model)
+    assert report.constants >= 1 and [n.op_type for n in model.graph.node] == ["Slice"]
+    [end] = [numpy_helper.to_array(t) for t in model.graph.initializer if t.name == model.graph.node[0].input[2]]
+    assert end.tolist() == [4] and end.dtype == np.int64
+    x = np.random.default_rng(1).standard_normal((2, 3, 8)).astype(np.float32)
+    np.testing.assert_array_equal(_run(model, x), _run(original, x))
