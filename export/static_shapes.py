@@ -240,9 +240,9 @@ def _drop_dead_nodes(model: Any) -> None:
     live.reverse()
     del graph.node[:]
     graph.node.extend(live)
-    kept = [t for t in graph.initializer if t.name in needed]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
+    for i in reversed(range(len(graph.initializer))):  # in place: copying a 16 GB model's weights would not fit
+        if graph.initializer[i].name not in needed:
+            del graph.initializer[i]
     produced = {o for node in live for o in node.output}
     value_info = [v for v in graph.value_info if v.name in produced]
     del graph.value_info[:]
