@@ -54,3 +54,52 @@ def test_static_shapes_compute_what_the_traced_graph_computes(model_id: str, tmp
         feed = {"input_ids": ids, "attention_mask": mask}
         np.testing.assert_allclose(b.run(None, feed)[0], a.run(None, feed)[0], rtol=0, atol=1e-6,
                                    err_msg=f"{model_id} batch {batch} x {length}")
+
+
+def _bert_like_configs() -> dict[str, object]:
+    import transformers
+
+    small = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=1000,
+                 max_position_embeddings=128)
+    return {
+        "bert": transformers.BertConfig(**small),
+        "roberta": transformers.RobertaConfig(**small, pad_token_id=1),
+        "xlm-roberta": transformers.XLMRobertaConfig(**small, pad_token_id=1),
+        "mpnet": transformers.MPNetConfig(**small, pad_token_id=1),
+        "distilbert": transformers.DistilBertConfig(dim=64, n_layers=2, n_heads=4, hidden_dim=128, vocab_size=1000,
+                                                    max_position_embeddings=128),
+        "electra": transformers.ElectraConfig(**small, embedding_size=32),
+    }
+
+
+@pytest.mark.parametrize("model_type", ["bert", "roberta", "xlm-roberta", "mpnet", "distilbert", "electra"])
+def test_static_shapes_on_every_declared_bert_like_architecture(model_type: str, tmp_path: Path) -> None:
+    """The family declares these model types; their checkpoints cannot be downloaded here, so each is built
+    small with random weights from its transformers config and traced the way the exporter traces it."""
+    import torch
+    import transformers
+
+    from tritonembed.spec import ModelSpec
+
+    torch.manual_seed(0)
+    backbone = transformers.AutoModel.from_config(_bert_like_configs()[model_type], attn_implementation="eager")
+    spec = ModelSpec(name=model_type, model_id=model_type, family="bert", pooling="mean", normalize=True,
+                     hidden_size=64, max_length=120, padding_side="right", pad_token_id=0, precision="fp32")
+    encoder = build_pooled_encoder(backbone.eval(), spec)
+    graph: dict = {}
+    traced = _session(export_onnx(encoder, tmp_path / "traced" / "model.onnx", static_shapes=False))
+    static = _session(export_onnx(encoder, tmp_path / "static" / "model.onnx", graph_report=graph))
+    assert graph["static_shapes"]["skipped"] == [] and graph["static_shapes"]["frozen"] > 0
+
+    rng = np.random.default_rng(0)
+    for batch, length in ((1, 1), (1, 7), (2, 1), (3, 5), (4, 40), (2, 100)):
+        ids = rng.integers(5, 1000, (batch, length)).astype(np.int64)
+        mask = np.ones_like(ids)
+        if batch > 1:
+            mask[-1, length - length // 3:] = 0
+        feed = {"input_ids": ids, "attention_mask": mask}
+        got = static.run(None, feed)[0]
+        np.testing.assert_allclose(got, traced.run(None, feed)[0], rtol=0, atol=1e-6)
+        with torch.no_grad():
+            reference = encoder(torch.tensor(ids), torch.tensor(mask)).numpy()
+        np.testing.assert_allclose(got, reference, rtol=0, atol=1e-5, err_msg=f"{model_type} {batch} x {length}")
