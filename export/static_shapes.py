@@ -165,6 +165,9 @@ def _symbolic_shapes(model: Any) -> tuple[dict[str, list[Dim | None]], dict[str,
     """
     from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
+    # What SymbolicShapeInference.infer_shapes does, spelled out to read its merges and known values: private
+    # attributes of onnxruntime's tool (pinned in constraints.txt). Should they change, freeze_shape_inputs
+    # catches the error and leaves the graph as traced, with the reason in the report.
     inference = SymbolicShapeInference(int_max=2**31 - 1, auto_merge=True, guess_output_rank=False, verbose=0)
     complete = False
     inference._preprocess(_weightless(model))
