@@ -97,4 +97,3 @@ class TritonPythonModel:
 def run_encoder(session, input_ids, attention_mask):
     """One micro-batch through an ONNX Runtime session: the embedding rows."""
     return session.run([ENCODER_EMBEDDING_NAME], {INPUT_IDS.name: input_ids, ATTENTION_MASK.name: attention_mask})[0]
-
