@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 # Float initializers with more elements than this are given to shape inference as typed graph inputs
 # instead of values: their shapes are all it needs, and a copy of a 16 GB model's weights would not fit.
 _VALUE_ELEMENTS_KEPT = 64
-_SUFFIX = "_static_shape"
+_SUFFIX = "_static_shape"  # the constant shape input of a Reshape / Expand, named after its output
+_VALUE_SUFFIX = "_static_value"  # a known integer tensor (a Reshape's output may also be one)
 _INTEGER_TYPES = {7: np.int64, 6: np.int32}  # onnx.TensorProto.INT64 / INT32
 Dim = int | str
 
@@ -98,7 +99,7 @@ def freeze_shape_inputs(model: Any) -> StaticShapesReport:
             if name not in values or name in constant or name in outputs:
                 continue
             if name not in replaced:
-                replaced[name] = name + _SUFFIX
+                replaced[name] = name + _VALUE_SUFFIX
                 value, dtype = values[name]
                 graph.initializer.append(numpy_helper.from_array(np.array(value, dtype=dtype), replaced[name]))
             node.input[i] = replaced[name]

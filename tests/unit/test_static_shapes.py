@@ -147,3 +147,27 @@ def test_integer_values_known_from_the_shapes_become_constants() -> None:
     assert end.tolist() == [4] and end.dtype == np.int64
     x = np.random.default_rng(1).standard_normal((2, 3, 8)).astype(np.float32)
     np.testing.assert_array_equal(_run(model, x), _run(original, x))
+
+
+def test_a_reshape_whose_output_is_also_a_known_value_gets_two_distinct_constants() -> None:
+    nodes = [
+        helper.make_node("Shape", ["x"], ["s"]),
+        helper.make_node("Gather", ["s", "one"], ["w"], axis=0),
+        helper.make_node("Unsqueeze", ["w", "axes0"], ["w1"]),
+        helper.make_node("Shape", ["w1"], ["ws"]),
+        helper.make_node("Reshape", ["w1", "ws"], ["r"]),  # computed shape input, and r's value is known: [8]
+        helper.make_node("Concat", ["minus1", "r"], ["target"], axis=0),
+        helper.make_node("Reshape", ["x", "target"], ["y"]),
+    ]
+    initializers = [_ints("one", 1), _ints("axes0", [0]), _ints("minus1", [-1])]
+    model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8])], initializers)
+    original = onnx.ModelProto()
+    original.CopyFrom(model)
+    report = freeze_shape_inputs(model)
+    assert report.skipped == [] and report.constants >= 1
+    onnx.checker.check_model(model)
+    names = [t.name for t in model.graph.initializer]
+    assert len(names) == len(set(names))
+    x = np.random.default_rng(2).standard_normal((3, 8)).astype(np.float32)
+    np.testing.assert_array_equal(_run(model, x), _run(original, x))
