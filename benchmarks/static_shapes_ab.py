@@ -27,6 +27,7 @@ log = logging.getLogger("tritonembed.benchmarks.static_shapes_ab")
 
 SHAPES = ((1, 12), (16, 32), (4, 128))
 GRAPHS = ("traced", "static")
+MAX_ABS_DIFF = 1e-5
 
 
 def export_both(model_id: str, workdir: Path) -> tuple[dict[str, Path], dict[str, Any], int]:
@@ -84,6 +85,8 @@ def compare(model_id: str, workdir: Path, threads: int, rounds: int, seconds: fl
         outs = {name: s.run(None, feed)[0] for name, s in sessions.items()}
         max_diff = max(max_diff, float(np.abs(outs["static"] - outs["traced"]).max()))
         feeds[f"{rows}x{length}"] = feed
+    if max_diff > MAX_ABS_DIFF:  # timing two graphs that disagree would compare nothing
+        raise RuntimeError(f"{model_id}: the static graph differs from the traced one by {max_diff:.3g}")
     per_shape: dict[str, Any] = {}
     for label, feed in feeds.items():
         p50s: dict[str, list[float]] = {name: [] for name in GRAPHS}

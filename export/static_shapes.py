@@ -12,16 +12,22 @@ arithmetic that computed it becomes dead. Integer tensors whose value the infere
 constants too.
 
 Safety: dimensions are compared as symbols from ONNX Runtime's symbolic shape inference. Where the graph
-only runs if two dimensions agree (a broadcast), that inference records a *merge*; a merge of a derived
-expression into an input dimension (BERT's ``Min(512, sequence)`` into ``sequence``) restates what the
-original graph already requires, but a merge that renames an input dimension or fixes one to a number
-would be an assumption of ours, so then nothing is rewritten. The export pipeline then checks the result
-against PyTorch on batches of several lengths and paddings (``validate``), as for every export.
+only runs if two dimensions broadcast, that inference records a *merge*. Only ``Min(c, d)`` into the input
+dimension ``d`` with a number ``c >= 2`` (BERT's ``Min(512, sequence)``) is accepted: the two broadcast
+exactly when they are equal, so it restates what the original graph already requires; any other merge
+(an input dimension renamed or fixed to a number, an unknown dimension that might be 1) is an assumption,
+and then nothing is rewritten. The inference also evaluates comparisons of symbolic values with Python's
+``==`` (``Equal(sequence, 1)`` comes out False); a comparison whose truth the symbols' assumptions (integer,
+non-negative) do not decide taints everything computed from it, and nothing tainted is frozen. The export
+pipeline then checks the result against PyTorch on batches of several lengths and paddings (``validate``),
+as for every export. Not for empty batches: a ``-1`` beside a 0-sized dimension is ambiguous (the encoder
+never runs one).
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +41,7 @@ _VALUE_ELEMENTS_KEPT = 64
 _SUFFIX = "_static_shape"  # the constant shape input of a Reshape / Expand, named after its output
 _VALUE_SUFFIX = "_static_value"  # a known integer tensor (a Reshape's output may also be one)
 _INTEGER_TYPES = {7: np.int64, 6: np.int32}  # onnx.TensorProto.INT64 / INT32
+_MIN_OF_TWO = re.compile(r"Min\(([A-Za-z_]\w*|\d+),([A-Za-z_]\w*|\d+)\)")  # as sympy prints it, spaces removed
 Dim = int | str
 
 
@@ -64,7 +71,7 @@ def freeze_shape_inputs(model: Any) -> StaticShapesReport:
         report.skipped.append("the graph has subgraphs (If/Loop/Scan); not analysed")
         return report
     try:
-        shapes, values, merges, input_symbols = _symbolic_shapes(model)
+        shapes, values, merges, input_symbols, tainted = _symbolic_shapes(model)
     except Exception as exc:  # the inference is best effort; an unanalysable graph stays as it is
         report.skipped.append(f"symbolic shape inference failed: {type(exc).__name__}: {exc}")
         return report
@@ -72,13 +79,35 @@ def freeze_shape_inputs(model: Any) -> StaticShapesReport:
     if unsafe:
         report.skipped.append(f"shape inference had to assume {', '.join(unsafe)}; graph left as exported")
         return report
+    try:  # plan every change first, so that a failure leaves the graph as it was
+        initializers, rewrites, report.frozen, report.constants = _plan(model, shapes, values, tainted)
+    except Exception as exc:
+        report.skipped.append(f"could not plan the rewrite: {type(exc).__name__}: {exc}")
+        return report
+    graph = model.graph
+    graph.initializer.extend(initializers)
+    for node_index, input_index, name in rewrites:
+        graph.node[node_index].input[input_index] = name
+    if rewrites:
+        _drop_dead_nodes(model)
+    report.nodes_after = len(graph.node)
+    log.info("static shapes: %d Reshape/Expand shape inputs and %d other integer tensors made constant, %d -> %d nodes",
+             report.frozen, report.constants, report.nodes_before, report.nodes_after)
+    return report
 
+
+def _plan(model: Any, shapes: dict[str, list[Dim | None]], values: dict[str, tuple[Any, Any]],
+          tainted: set[str]) -> tuple[list[Any], list[tuple[int, int, str]], int, int]:
+    """(new initializers, (node, input, new name) rewrites, Reshape/Expand frozen, values made constant)."""
     from onnx import numpy_helper
 
     graph = model.graph
     constant = {t.name for t in graph.initializer} | {n.output[0] for n in graph.node if n.op_type == "Constant"}
-    for node in graph.node:
+    initializers, rewrites = [], []
+    for k, node in enumerate(graph.node):
         if node.op_type not in ("Reshape", "Expand") or len(node.input) < 2 or node.input[1] in constant:
+            continue
+        if node.input[1] in tainted or node.output[0] in tainted:
             continue
         if node.op_type == "Reshape" and any(a.name == "allowzero" and a.i for a in node.attribute):
             continue  # there 0 means an empty dimension, not "copy"
@@ -89,27 +118,22 @@ def freeze_shape_inputs(model: Any) -> StaticShapesReport:
         if value is None:
             continue
         name = node.output[0] + _SUFFIX
-        graph.initializer.append(numpy_helper.from_array(np.array(value, dtype=np.int64), name))
-        node.input[1] = name
-        report.frozen += 1
+        initializers.append(numpy_helper.from_array(np.array(value, dtype=np.int64), name))
+        rewrites.append((k, 1, name))
+    frozen = len(rewrites)
+    done = {(k, i) for k, i, _ in rewrites}
     outputs = {o.name for o in graph.output}
     replaced: dict[str, str] = {}
-    for node in graph.node:
+    for k, node in enumerate(graph.node):
         for i, name in enumerate(node.input):
-            if name not in values or name in constant or name in outputs:
+            if name not in values or name in constant or name in outputs or name in tainted or (k, i) in done:
                 continue
             if name not in replaced:
                 replaced[name] = name + _VALUE_SUFFIX
                 value, dtype = values[name]
-                graph.initializer.append(numpy_helper.from_array(np.array(value, dtype=dtype), replaced[name]))
-            node.input[i] = replaced[name]
-    report.constants = len(replaced)
-    if report.frozen or report.constants:
-        _drop_dead_nodes(model)
-    report.nodes_after = len(graph.node)
-    log.info("static shapes: %d Reshape/Expand shape inputs and %d other integer tensors made constant, %d -> %d nodes",
-             report.frozen, report.constants, report.nodes_before, report.nodes_after)
-    return report
+                initializers.append(numpy_helper.from_array(np.array(value, dtype=dtype), replaced[name]))
+            rewrites.append((k, i, replaced[name]))
+    return initializers, rewrites, frozen, len(replaced)
 
 
 def reshape_target(source: list[Dim | None], target: list[Dim | None]) -> list[int] | None:
@@ -150,16 +174,28 @@ def expand_target(source: list[Dim | None], target: list[Dim | None]) -> list[in
 
 
 def unsafe_merges(merges: dict[str, Dim], input_symbols: set[str]) -> list[str]:
-    """The merges that are assumptions: renaming an input dimension, or making any dimension a number."""
-    return [f"{k} == {v}" for k, v in sorted(merges.items(), key=str)
-            if k in input_symbols or not isinstance(v, str) or v not in input_symbols]
+    """The merges that are assumptions: all but ``Min(c, d) -> d`` with ``d`` an input dimension, ``c >= 2``."""
+    return [f"{k} == {v}" for k, v in sorted(merges.items(), key=str) if not _is_bounded_input(k, v, input_symbols)]
+
+
+def _is_bounded_input(key: str, value: Dim, input_symbols: set[str]) -> bool:
+    """Whether ``key`` is ``Min(c, value)`` (either order) with ``value`` an input dimension and an integer ``c >= 2``."""
+    if not isinstance(value, str) or value not in input_symbols or key in input_symbols:
+        return False
+    match = _MIN_OF_TWO.fullmatch(key.replace(" ", ""))
+    if match is None:
+        return False
+    first, second = match.groups()
+    number, symbol = (first, second) if first.isdigit() else (second, first)
+    return number.isdigit() and int(number) >= 2 and symbol == value
 
 
 def _symbolic_shapes(model: Any) -> tuple[dict[str, list[Dim | None]], dict[str, tuple[Any, Any]],
-                                          dict[str, Dim], set[str]]:
+                                          dict[str, Dim], set[str], set[str]]:
     """Every tensor's shape (numbers and symbol names) by ONNX Runtime's symbolic shape inference on a
     weightless copy of ``model``; the integer tensors whose value it knows (``{name: (value, numpy dtype)}``,
-    a scalar or a 1-D list); the merges it needed; the graph inputs' symbols.
+    a scalar or a 1-D list); the merges it needed; the graph inputs' symbols; the tensors tainted by an
+    undecided comparison (:func:`undecided_comparisons`).
 
     Raises:
         whatever the inference raises (the caller catches it); RuntimeError: shapes left incomplete.
@@ -186,10 +222,51 @@ def _symbolic_shapes(model: Any) -> tuple[dict[str, list[Dim | None]], dict[str,
         literal = _literal(value)
         if dtype is not None and literal is not None and len(shapes.get(name) or ()) == np.ndim(literal):
             values[name] = (literal, dtype)
-    # from the model itself: the inference renames an input dimension it merged away
+    # from the model itself too: the inference renames an input dimension it merged away
     input_symbols = {d.dim_param for value in model.graph.input for d in value.type.tensor_type.shape.dim
-                     if d.dim_param}
-    return shapes, values, dict(inference.suggested_merge_), input_symbols
+                     if d.dim_param} | set(inference.input_symbols_)
+    tainted = undecided_comparisons(model.graph.node, inference.sympy_data_)
+    return shapes, values, dict(inference.suggested_merge_), input_symbols, tainted
+
+
+_COMPARISONS = {"Equal": "Eq", "Less": "Lt", "LessOrEqual": "Le", "Greater": "Gt", "GreaterOrEqual": "Ge"}
+
+
+def undecided_comparisons(nodes: Any, data: dict[str, Any]) -> set[str]:
+    """The tensors computed from a comparison the inference evaluated but the symbols do not decide.
+
+    ``data`` is the inference's known values (``sympy_data_``). A comparison output with a known value
+    is trusted only when every element pair compares the same way for all values of the symbols (sympy
+    returns ``true`` or ``false`` under their integer, non-negative assumptions: ``sequence == -1`` is
+    decided, ``sequence == 1`` is not); everything downstream of an undecided one is tainted, values and
+    shapes alike. ``nodes`` are in topological order, as exported graphs are.
+    """
+    import sympy
+
+    tainted: set[str] = set()
+    for node in nodes:
+        outputs = [o for o in node.output if o]
+        if any(i in tainted for i in node.input if i):
+            tainted.update(outputs)
+        elif node.op_type in _COMPARISONS and any(o in data for o in outputs):
+            relation = getattr(sympy, _COMPARISONS[node.op_type])
+            pairs = _element_pairs(data.get(node.input[0]), data.get(node.input[1]))
+            if pairs is None or any(relation(a, b) not in (sympy.true, sympy.false) for a, b in pairs):
+                tainted.update(outputs)
+    return tainted
+
+
+def _element_pairs(left: Any, right: Any) -> list[tuple[Any, Any]] | None:
+    """Broadcast two known values (scalars or 1-D lists) into element pairs; None if either is unknown."""
+    if left is None or right is None:
+        return None
+    left = left if isinstance(left, list) else [left]
+    right = right if isinstance(right, list) else [right]
+    if len(left) == 1:
+        left = left * len(right)
+    if len(right) == 1:
+        right = right * len(left)
+    return list(zip(left, right)) if len(left) == len(right) else None
 
 
 def _literal(value: Any) -> int | list[int] | None:

@@ -35,12 +35,16 @@ def test_expand_target(source, target, expected) -> None:
     assert expand_target(source, target) == expected
 
 
-def test_only_merges_into_input_dimensions_are_safe() -> None:
+def test_only_a_bounded_input_dimension_is_a_safe_merge() -> None:
+    """``Min(512, sequence)`` broadcasts against ``sequence`` only when they are equal; anything that might
+    be 1 while the other is not (an unknown dimension, ``Min(1, sequence)``) broadcasts without being equal."""
     inputs = {"batch", "sequence"}
-    assert unsafe_merges({"Min(512, sequence)": "sequence", "unk__3": "batch"}, inputs) == []
+    assert unsafe_merges({"Min(512, sequence)": "sequence", "Min(sequence, 2)": "sequence"}, inputs) == []
     assert unsafe_merges({"sequence": "batch"}, inputs) == ["sequence == batch"]
     assert unsafe_merges({"unk__1": 1}, inputs) == ["unk__1 == 1"]
-    assert unsafe_merges({"unk__1": "unk__2"}, inputs) == ["unk__1 == unk__2"]
+    assert unsafe_merges({"unk__3": "batch"}, inputs) == ["unk__3 == batch"]
+    assert unsafe_merges({"Min(1, sequence)": "sequence"}, inputs) == ["Min(1, sequence) == sequence"]
+    assert unsafe_merges({"Min(512, batch)": "sequence"}, inputs) == ["Min(512, batch) == sequence"]
 
 
 def _model(nodes, inputs, outputs, initializers=()) -> onnx.ModelProto:
@@ -171,3 +175,48 @@ def test_a_reshape_whose_output_is_also_a_known_value_gets_two_distinct_constant
     assert len(names) == len(set(names))
     x = np.random.default_rng(2).standard_normal((3, 8)).astype(np.float32)
     np.testing.assert_array_equal(_run(model, x), _run(original, x))
+
+
+def _unchanged_and_equal(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) -> None:
+    original = model.SerializeToString()
+    freeze_shape_inputs(model)
+    for feed in feeds:
+        a = ort.InferenceSession(original, providers=["CPUExecutionProvider"]).run(None, feed)[0]
+        b = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+        np.testing.assert_array_equal(b, a)
+
+
+def test_a_comparison_the_symbols_do_not_decide_is_never_frozen() -> None:
+    """The inference evaluates ``Equal(sequence, 1)`` as False; freezing the ``Where`` after it would give
+    the sequence-1 case the other branch."""
+    nodes = [
+        helper.make_node("Shape", ["x"], ["s"]),
+        helper.make_node("Gather", ["s", "one"], ["d"], axis=0),
+        helper.make_node("Equal", ["d", "one"], ["eq"]),
+        helper.make_node("Where", ["eq", "five", "seven"], ["w"]),
+        helper.make_node("Cast", ["w"], ["wf"], to=TensorProto.FLOAT),
+        helper.make_node("Add", ["x", "wf"], ["y"]),
+    ]
+    model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "sequence"])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "sequence"])],
+                   [_ints("one", 1), _ints("five", 5), _ints("seven", 7)])
+    _unchanged_and_equal(model, [{"x": np.zeros((2, n), np.float32)} for n in (1, 3)])
+
+
+def test_a_merge_of_an_unknown_dimension_leaves_the_graph_alone() -> None:
+    """``NonZero`` gives a dimension that may be 1 and then broadcasts against ``sequence`` without equalling it."""
+    nodes = [
+        helper.make_node("NonZero", ["m"], ["nz"]),
+        helper.make_node("Cast", ["nz"], ["nzf"], to=TensorProto.FLOAT),
+        helper.make_node("Reshape", ["nzf", "minus1"], ["g"]),
+        helper.make_node("Add", ["g", "x"], ["z"]),
+        helper.make_node("Shape", ["z"], ["zs"]),
+        helper.make_node("Expand", ["g", "zs"], ["y"]),
+    ]
+    model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["sequence"]),
+                           helper.make_tensor_value_info("m", TensorProto.FLOAT, ["n"])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["k"])], [_ints("minus1", [-1])])
+    report_model = onnx.ModelProto()
+    report_model.CopyFrom(model)
+    assert freeze_shape_inputs(report_model).skipped
+    _unchanged_and_equal(model, [{"x": np.zeros(3, np.float32), "m": np.array([0, 5, 0], np.float32)}])
