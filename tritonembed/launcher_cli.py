@@ -32,6 +32,13 @@ def export_cache_dir(model: str, precision: str, max_length: int | None, name: s
     return cache_dir() / "exports" / f"{slug}-{precision}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
 
 
+def other_cached_exports(target: Path) -> list[Path]:
+    """Cached exports of the same model and precision as ``target`` (same name up to the key's hash), but not it."""
+    prefix = target.name.rsplit("-", 1)[0] + "-"
+    return sorted(d for d in target.parent.glob(prefix + "*")
+                  if d != target and d.is_dir() and len(d.name) == len(target.name))
+
+
 def ensure_export(model: str, precision: str, max_length: int | None, name: str | None,
                   int4_activations: str = "float32") -> Path:
     """An exported directory for ``model``: ``model`` itself when it is one, else a cached export.
@@ -54,6 +61,12 @@ def ensure_export(model: str, precision: str, max_length: int | None, name: str 
     from tritonembed.export.pipeline import export_model
 
     log.info("exporting %s (%s) on first use into %s", model, precision, target)
+    others = other_cached_exports(target)
+    if others:  # an exporter upgrade re-exports; what it superseded stays until the user removes it
+        size = sum(f.stat().st_size for d in others for f in d.rglob("*") if f.is_file())
+        log.info("%d other cached export(s) of %s (%s), %.1f GB: an older exporter revision or other "
+                 "--max-length/--name; delete those no longer served: %s", len(others), model, precision,
+                 size / 1e9, " ".join(str(d) for d in others))
     # STS-B is skipped here to start fast; `tritonembed export` measures it (see report.json there).
     export_model(model, target, precision=precision, max_length=max_length, name=name, overwrite=True, run_stsb=False,
                  int4_activations=int4_activations)

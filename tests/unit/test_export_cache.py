@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tritonembed.export import pipeline
-from tritonembed.launcher_cli import export_cache_dir
+from tritonembed.launcher_cli import export_cache_dir, other_cached_exports
 
 
 @pytest.fixture(autouse=True)
@@ -48,3 +48,13 @@ def test_the_gpu_profile_asks_for_float16_int4(monkeypatch):
     for profile in ("gpu", "cpu"):
         launcher_cli._exports(parser.parse_args(["repo", "m", "--precision", "int4", "--profile", profile, "-o", "x"]))
     assert [a[-1] for a in asked] == ["float16", "float32"]
+
+
+def test_other_cached_exports_of_the_same_model_and_precision_are_found():
+    model = "sentence-transformers/all-MiniLM-L6-v2"
+    target = export_cache_dir(model, "int8", None, None)
+    older = target.with_name(target.name[:-10] + "0123456789")  # another key: older revision, other args
+    for d in (target, older, export_cache_dir(model, "fp32", None, None), export_cache_dir("random-qwen3:small", "int8", None, None)):
+        d.mkdir(parents=True)
+    (target.parent / (target.name + ".tmp")).write_text("")  # not a directory
+    assert other_cached_exports(target) == [older]
