@@ -438,7 +438,8 @@ class Bench:
         from tritonembed.benchmarks.perf_analyzer import PerfAnalyzerError, run_perf_analyzer
         from tritonembed.client import EmbeddingClient
         from tritonembed.model_repository.configs import ServingOptions
-        from tritonembed.model_repository.microbatch_pool import MicroBatchPool, model_bytes, pool_workers
+        from tritonembed.export.onnx_export import model_bytes
+        from tritonembed.model_repository.microbatch_pool import MicroBatchPool, pool_workers
         from tritonembed.model_repository.stages import encode_requests
 
         encoder = ort_encoder(export_dir, self.config.threads)  # one session for both bare-ORT legs

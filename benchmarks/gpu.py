@@ -46,7 +46,7 @@ import numpy as np
 from tritonembed.benchmarks.flops import pass_flops, peak_flops, useful_flops
 from tritonembed.benchmarks.stats import latency_summary, ratio
 from tritonembed.errors import TritonEmbedError
-from tritonembed.export.onnx_export import onnx_files
+from tritonembed.export.onnx_export import model_bytes
 from tritonembed.export.validate import compare
 from tritonembed.model_repository.tokenization import pad_batch
 
@@ -355,7 +355,7 @@ def measure(model: Path, shape_name: str, precision: str, workload: dict[str, li
 
     shape = QWEN3_SHAPES[shape_name]
     result: dict[str, Any] = {"shape": shape_name, "precision": precision, "provider": provider,
-                              "model_bytes": sum(f.stat().st_size for f in onnx_files(model))}
+                              "model_bytes": model_bytes(model)}
     before = gpu_memory(os.getpid())
     t0 = time.perf_counter()
     profile_dir = model.parent / "profile"

@@ -65,17 +65,12 @@ def optimized_nodes(path: Path, threads: int) -> int:
 
 def compare(model_id: str, workdir: Path, threads: int, rounds: int, seconds: float) -> dict[str, Any]:
     import numpy as np
-    import onnxruntime as ort
 
     from tritonembed.benchmarks import stats as st
+    from tritonembed.benchmarks.gpu import session
 
     paths, report, vocab = export_both(model_id, workdir)
-    sessions = {}
-    for name, path in paths.items():
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.log_severity_level = 3
-        sessions[name] = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    sessions = {name: session(path, "cpu", threads) for name, path in paths.items()}
     rng = np.random.default_rng(0)
     feeds = {}
     max_diff = 0.0

@@ -133,6 +133,11 @@ def save_onnx(model, output: Path) -> list[Path]:
     return [output, data_file]
 
 
+def model_bytes(model_path: Path) -> int:
+    """``model.onnx`` plus its external-data file, if any, in bytes."""
+    return sum(f.stat().st_size for f in onnx_files(model_path))
+
+
 def onnx_files(model_path: Path) -> list[Path]:
     """``model.onnx`` plus its external-data file when there is one."""
     model_path = Path(model_path)

@@ -10,7 +10,8 @@ from __future__ import annotations
 import os
 
 from tritonembed.model_repository.configs import ServingOptions, checked_spinning
-from tritonembed.model_repository.microbatch_pool import MicroBatchPool, model_bytes, pool_workers
+from tritonembed.export.onnx_export import model_bytes
+from tritonembed.model_repository.microbatch_pool import MicroBatchPool, pool_workers
 from tritonembed.model_repository.stages import encode_requests
 from tritonembed.model_repository.triton_adapter import (
     Counters,

@@ -12,19 +12,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 
-from tritonembed.export.onnx_export import onnx_files
 from tritonembed.model_repository.configs import MICROBATCH_POOL_MAX_MODEL_BYTES
 
 Batch = tuple[np.ndarray, np.ndarray]
-
-
-def model_bytes(model_path: Path) -> int:
-    """``model.onnx`` plus its external-data file, if any."""
-    return sum(f.stat().st_size for f in onnx_files(model_path))
 
 
 def pool_workers(requested: int, intra_op_threads: int, size: int) -> int:
