@@ -39,19 +39,19 @@ def plot(rows: dict[str, dict[str, dict[str, Any]]], output: Path, title: str) -
     panels = (("mixed workload, tokens/s", lambda r: max(b["tokens_per_s"] for b in r["bulk"])),
               ("64 x 512 tokens, tokens/s", lambda r: r["fixed"]["tokens_per_s"]),
               ("GPU memory of the process, GiB", lambda r: (r.get("gpu_memory", {}).get("process_bytes") or 0) / 2**30))
-    fig, axes = plt.subplots(1, len(panels), figsize=(13, 4))
+    fig, axes = plt.subplots(1, len(panels), figsize=(15, 5))
     for ax, (label, value) in zip(axes, panels):
         names, values, colors = [], [], []
         for i, (shape, variants) in enumerate(sorted(rows.items())):
             for precision, row in variants.items():
-                names.append(f"{shape}\n{precision}")
+                names.append(f"{shape} {precision}")
                 values.append(value(row))
                 colors.append(f"C{i}")
         ax.bar(range(len(values)), values, color=colors)
-        ax.set_xticks(range(len(values)), names, fontsize=7)
+        ax.set_xticks(range(len(values)), names, fontsize=7, rotation=60, ha="right")
         ax.set_title(label, fontsize=10)
         for x, v in enumerate(values):
-            ax.annotate(f"{v:,.0f}" if v >= 100 else f"{v:.1f}", (x, v), ha="center", va="bottom", fontsize=7)
+            ax.annotate(f"{v / 1000:.0f}k" if v >= 1000 else f"{v:.1f}", (x, v), ha="center", va="bottom", fontsize=7)
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     output.parent.mkdir(parents=True, exist_ok=True)

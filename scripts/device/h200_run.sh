@@ -12,11 +12,14 @@
 #     static shapes, and w8-fp16, then the 4B fp16, int4-fp16 and w8-fp16 rows; every variant was loaded
 #     and run on onnxruntime 1.31.1's CPU provider first, on the tiny shape, so a converter/loader mismatch
 #     shows here, not on device time)
+#   | ab (the 0.6B fp16 graph with and without the exporter's static shapes, nothing else running, each
+#     ordering twice: the 2026-11-26 second-session call measured static shapes slower for small batches,
+#     but with the 4B export running beside it)
 set -u
 PHASE=${1:-all}
 R=$PWD
 S=/tmp/site
-W=$PWD/.gbwork
+W=/tmp/gbwork  # not in the checkout: the device tool re-syncs it between calls and removed .gbwork
 T0=$(date +%s)
 el() { echo "[+$(( $(date +%s) - T0 ))s] $*"; }
 if [ ! -f $S/onnxruntime/capi/libonnxruntime_providers_cuda.so ]; then
@@ -84,6 +87,19 @@ if [ "$PHASE" = remaining ]; then
     --precisions fp16,int4-fp16,w8-fp16 --workdir $W --workload $R/.gpu/workload.json --prepare-timeout $LEFT \
     --max-tokens 4096,16384,65536 --seconds 2 -o $OUT/gpu-4B-fp16.json 2>&1 | grep -v "^INFO" | tail -20
   tail -8 $W/prepare-4B.log
+fi
+if [ "$PHASE" = ab ]; then
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  mkdir -p $W
+  taskset -c 0-5 timeout 200 python3 -m tritonembed.benchmarks.gpu prepare --shapes 0.6B \
+    --precisions fp16,fp16-traced --workdir $W --workload $R/.gpu/workload.json 2>&1 | grep -v "^INFO\|quantize" | tail -5
+  el "prepared"
+  for ORDER in fp16,fp16-traced fp16-traced,fp16 fp16,fp16-traced fp16-traced,fp16; do
+    taskset -c 0-5 timeout 90 python3 -m tritonembed.benchmarks.gpu run --no-prepare --shapes 0.6B --precisions $ORDER \
+      --workdir $W --workload $R/.gpu/workload.json --max-tokens 16384 --seconds 1.5 --prepare-timeout 5 \
+      -o $OUT/ab-$(date +%s).json 2>&1 | grep "0.6B fp16" | tail -2
+  done
+  el "ab done"
 fi
 if [ "$PHASE" = fp16 ]; then
   mkdir -p $W
