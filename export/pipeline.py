@@ -129,12 +129,17 @@ def export_model(
     overwrite: bool = False,
     run_stsb: bool = True,
     int4_activations: str = "float32",
+    static_shapes: bool = True,
 ) -> ExportReport:
     """Export, validate and (optionally) quantize ``model`` into ``output``.
 
     ``int4_activations="float16"`` quantizes the fp16 graph instead of the fp32 one, so the int4 model
     computes in float16 between its 4-bit weights: the GPU form (on an H200, 1.49x the float32-activation
     int4's tokens/s at 0.62x the memory; ``docs/benchmarks-gpu.md``). On a CPU keep ``float32``.
+
+    ``static_shapes=False`` keeps the graph as torch traced it, without the constant shape inputs of
+    :mod:`tritonembed.export.static_shapes` (faster on the CPU; on a GPU one A/B measured them slower for
+    small batches, ``docs/export.md``).
 
     Raises:
         ModelResolutionError: the model cannot be found.
@@ -157,7 +162,7 @@ def export_model(
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
-        report = _export_into(staging, resolved, family, spec, run_stsb, int4_activations)
+        report = _export_into(staging, resolved, family, spec, run_stsb, int4_activations, static_shapes)
         report.output = str(output)
         report.export_seconds = round(time.perf_counter() - started, 2)
         report.files = {p.name: p.stat().st_size for p in sorted(staging.iterdir()) if p.is_file()}
@@ -172,7 +177,7 @@ def export_model(
 
 
 def _export_into(staging: Path, resolved: ResolvedModel, family: ModelFamily, spec: ModelSpec, run_stsb: bool,
-                 int4_activations: str = "float32") -> ExportReport:
+                 int4_activations: str = "float32", static_shapes: bool = True) -> ExportReport:
     report = ExportReport(resolved.model_id, resolved.source, family.name, spec.precision, "",
                           bool(spec.extra.get("random_weights")))
     copy_tokenizer(resolved.path, staging, family)
@@ -184,7 +189,9 @@ def _export_into(staging: Path, resolved: ResolvedModel, family: ModelFamily, sp
     fp32_path = fp32_dir / spec.onnx_file
     log.info("exporting %s to ONNX (fp32)", resolved.model_id)
     backbone = family.load_backbone(resolved.path)
-    export_onnx(build_pooled_encoder(backbone, spec), fp32_path, graph_report=report.graph)
+    export_onnx(build_pooled_encoder(backbone, spec), fp32_path, static_shapes=static_shapes, graph_report=report.graph)
+    if not static_shapes:
+        report.graph["static_shapes"] = {"off": True}
     del backbone
 
     reference = family.reference_embed(resolved.path, PROBE_TEXTS, spec)

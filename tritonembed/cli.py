@@ -31,6 +31,14 @@ def env_default(flag: str, default=None, cast=str):
     return cast(value)
 
 
+def add_static_shapes_flag(p: argparse.ArgumentParser) -> None:
+    """``--no-static-shapes`` (env ``TRITONEMBED_NO_STATIC_SHAPES``): export the graph as torch traced it."""
+    p.add_argument("--no-static-shapes", dest="static_shapes", action="store_false",
+                   default=not env_default("no_static_shapes", False, bool),
+                   help="export the graph as torch traced it, shape arithmetic included (by default it becomes "
+                        "constant shape inputs: faster on the CPU; docs/export.md has the GPU measurement)")
+
+
 def _add_export(sub) -> None:
     p = sub.add_parser("export", help="export a Hugging Face checkpoint to a validated ONNX directory")
     p.add_argument("model", help="local Hugging Face directory or model id (e.g. sentence-transformers/all-MiniLM-L6-v2, "
@@ -46,6 +54,7 @@ def _add_export(sub) -> None:
     p.add_argument("--int4-activations", choices=INT4_ACTIVATIONS, default=env_default("int4_activations", "float32"),
                    help="int4 only: compute in float32 (CPU) or float16 (GPU: quantizes the fp16 graph; "
                         "docs/benchmarks-gpu.md)")
+    add_static_shapes_flag(p)
     p.set_defaults(func=cmd_export)
 
 
@@ -54,7 +63,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     report = export_model(args.model, args.output, precision=args.precision, max_length=args.max_length,
                           name=args.name, overwrite=args.overwrite, run_stsb=not args.skip_stsb,
-                          int4_activations=args.int4_activations)
+                          int4_activations=args.int4_activations, static_shapes=args.static_shapes)
     print(json.dumps({"output": report.output, "passed": report.passed, "validation": report.validation,
                       "stsb": report.stsb}, indent=2))
     return 0

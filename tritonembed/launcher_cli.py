@@ -11,7 +11,7 @@ import signal
 import time
 from pathlib import Path
 
-from tritonembed.cli import DEFAULT_MODEL, env_default
+from tritonembed.cli import DEFAULT_MODEL, add_static_shapes_flag, env_default
 from tritonembed.cache import cache_dir
 from tritonembed.errors import ServerError, SpecError
 from tritonembed.model_repository.configs import SPINNING_MODES, ServingOptions
@@ -21,12 +21,14 @@ log = logging.getLogger("tritonembed.serve")
 
 
 def export_cache_dir(model: str, precision: str, max_length: int | None, name: str | None,
-                     int4_activations: str = "float32") -> Path:
+                     int4_activations: str = "float32", static_shapes: bool = True) -> Path:
     from tritonembed.export.pipeline import EXPORT_REVISION
 
     fields = [model, precision, max_length, name, EXPORT_REVISION]
-    if precision == "int4" and int4_activations != "float32":  # the default keeps the keys of existing caches
+    if precision == "int4" and int4_activations != "float32":  # the defaults keep the keys of existing caches
         fields.append(int4_activations)
+    if not static_shapes:
+        fields.append("traced")
     key = json.dumps(fields)
     slug = "".join(c if c.isalnum() or c in "-._" else "-" for c in model)[-60:]
     return cache_dir() / "exports" / f"{slug}-{precision}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
@@ -40,18 +42,18 @@ def other_cached_exports(target: Path) -> list[Path]:
 
 
 def ensure_export(model: str, precision: str, max_length: int | None, name: str | None,
-                  int4_activations: str = "float32") -> Path:
+                  int4_activations: str = "float32", static_shapes: bool = True) -> Path:
     """An exported directory for ``model``: ``model`` itself when it is one, else a cached export.
 
     ``int4_activations`` (``float32`` / ``float16``) is passed to the exporter for ``int4``; the GPU
-    profile asks for ``float16``.
+    profile asks for ``float16``. ``static_shapes=False`` exports the graph as traced (its own cache entry).
 
     Raises:
         the errors of :func:`tritonembed.export.pipeline.export_model`.
     """
     if (Path(model) / SPEC_FILENAME).is_file():
         return Path(model)
-    target = export_cache_dir(model, precision, max_length, name, int4_activations)
+    target = export_cache_dir(model, precision, max_length, name, int4_activations, static_shapes)
     try:
         ModelSpec.load(target)
         log.info("using cached export %s", target)
@@ -69,7 +71,7 @@ def ensure_export(model: str, precision: str, max_length: int | None, name: str 
                  size / 1e9, " ".join(str(d) for d in others))
     # STS-B is skipped here to start fast; `tritonembed export` measures it (see report.json there).
     export_model(model, target, precision=precision, max_length=max_length, name=name, overwrite=True, run_stsb=False,
-                 int4_activations=int4_activations)
+                 int4_activations=int4_activations, static_shapes=static_shapes)
     return target
 
 
@@ -110,6 +112,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queue-size", type=int, default=env_default("max_queue_size", 0, int),
                    help="bound each Triton model's queue; overflow gets UNAVAILABLE (default 0: unbounded, "
                         "because Triton 2.51's batcher stalls up to 500 ms with a queue policy; see docs/serving.md)")
+    add_static_shapes_flag(p)
 
 
 def register(sub) -> None:
@@ -153,7 +156,8 @@ def _exports(args: argparse.Namespace) -> list[Path]:
     if args.name and len(models) > 1:
         raise ServerError("--name applies to a single model")
     activations = "float16" if args.profile == "gpu" else "float32"  # int4 on a GPU computes in fp16
-    return [ensure_export(m, args.precision, args.max_length, args.name, activations) for m in models]
+    return [ensure_export(m, args.precision, args.max_length, args.name, activations, args.static_shapes)
+            for m in models]
 
 
 def cmd_repo(args: argparse.Namespace) -> int:

@@ -7,6 +7,7 @@ right padding in one batch. The PyTorch reference check of every export covers t
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -103,3 +104,15 @@ def test_static_shapes_on_every_declared_bert_like_architecture(model_type: str,
         with torch.no_grad():
             reference = encoder(torch.tensor(ids), torch.tensor(mask)).numpy()
         np.testing.assert_allclose(got, reference, rtol=0, atol=1e-5, err_msg=f"{model_type} {batch} x {length}")
+
+
+def test_export_without_static_shapes_keeps_the_traced_graph(tmp_path: Path) -> None:
+    from tritonembed.cli import main
+
+    assert main(["export", "random-qwen3:tiny", "-o", str(tmp_path / "traced"), "--no-static-shapes"]) == 0
+    assert main(["export", "random-qwen3:tiny", "-o", str(tmp_path / "static")]) == 0
+    reports = {k: json.loads((tmp_path / k / "report.json").read_text()) for k in ("traced", "static")}
+    assert reports["traced"]["passed"] and reports["static"]["passed"]
+    assert reports["traced"]["graph"]["static_shapes"] == {"off": True}
+    nodes = {k: len(onnx.load(str(tmp_path / k / "model.onnx"), load_external_data=False).graph.node) for k in reports}
+    assert reports["static"]["graph"]["static_shapes"]["nodes_after"] == nodes["static"] < nodes["traced"]

@@ -47,7 +47,7 @@ def test_the_gpu_profile_asks_for_float16_int4(monkeypatch):
     launcher_cli.register(parser.add_subparsers(dest="command"))
     for profile in ("gpu", "cpu"):
         launcher_cli._exports(parser.parse_args(["repo", "m", "--precision", "int4", "--profile", profile, "-o", "x"]))
-    assert [a[-1] for a in asked] == ["float16", "float32"]
+    assert [a[4] for a in asked] == ["float16", "float32"]
 
 
 def test_other_cached_exports_of_the_same_model_and_precision_are_found():
@@ -58,3 +58,28 @@ def test_other_cached_exports_of_the_same_model_and_precision_are_found():
         d.mkdir(parents=True)
     (target.parent / (target.name + ".tmp")).write_text("")  # not a directory
     assert other_cached_exports(target) == [older]
+
+
+def test_the_traced_graph_has_its_own_cache():
+    model = "random-qwen3:small"
+    static = export_cache_dir(model, "fp16", None, None)
+    assert export_cache_dir(model, "fp16", None, None, static_shapes=True) == static  # existing caches keep their keys
+    assert export_cache_dir(model, "fp16", None, None, static_shapes=False) != static
+
+
+def test_no_static_shapes_reaches_the_export(monkeypatch):
+    import argparse
+
+    from tritonembed import launcher_cli
+
+    asked = []
+    monkeypatch.setattr(launcher_cli, "ensure_export", lambda *a: asked.append(a) or a[0])
+    parser = argparse.ArgumentParser()
+    launcher_cli.register(parser.add_subparsers(dest="command"))
+    launcher_cli._exports(parser.parse_args(["repo", "m", "--profile", "gpu", "-o", "x"]))
+    launcher_cli._exports(parser.parse_args(["repo", "m", "--profile", "gpu", "--no-static-shapes", "-o", "x"]))
+    monkeypatch.setenv("TRITONEMBED_NO_STATIC_SHAPES", "1")  # the env default is read when the parser is built
+    parser = argparse.ArgumentParser()
+    launcher_cli.register(parser.add_subparsers(dest="command"))
+    launcher_cli._exports(parser.parse_args(["serve", "m"]))
+    assert [a[-1] for a in asked] == [True, False, False]
