@@ -37,25 +37,14 @@ class TritonPythonModel:
         self.spec = ModelSpec.load(directory)
         self.max_tokens = int(params.get("max_tokens_per_batch", ServingOptions.max_tokens_per_batch))
         self.max_rows = int(json.loads(args["model_config"]).get("max_batch_size", 256))
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = int(params.get("intra_op_threads", "0"))
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3
-        if spinning == "never":
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        elif spinning == "during_run":  # spin inside a run (cheap wake-ups between ops), stop when it returns
-            options.add_session_config_entry("session.force_spinning_stop", "1")
+        threads = int(params.get("intra_op_threads", "0"))
         model_path = directory / self.spec.onnx_file
-        self.session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+        self.session = cpu_session(ort, model_path, threads, spinning)
         workers = pool_workers(int(params.get("microbatch_workers", ServingOptions.microbatch_workers)),
-                               options.intra_op_num_threads or os.cpu_count() or 1, model_bytes(model_path))
+                               threads or os.cpu_count() or 1, model_bytes(model_path))
         self.pool = None
         if workers > 1:  # several micro-batches side by side, one thread each (microbatch_pool)
-            single = ort.SessionOptions()
-            single.intra_op_num_threads = 1
-            single.inter_op_num_threads = 1
-            single.log_severity_level = 3
-            single_session = ort.InferenceSession(str(model_path), single, providers=["CPUExecutionProvider"])
+            single_session = cpu_session(ort, model_path, 1)
             self.pool = MicroBatchPool(lambda ids, mask: run_encoder(single_session, ids, mask), workers)
         self.counters = Counters(args["model_name"], {
             "encoder_rows": "Texts encoded",
@@ -64,7 +53,7 @@ class TritonPythonModel:
             "encoder_batches": "ONNX Runtime runs (micro-batches)",
         })
         log.info("encoder %s ready (%s, %d intra-op threads, spinning %s, %d tokens per micro-batch, "
-                 "%d micro-batch workers)", self.spec.name, self.spec.precision, options.intra_op_num_threads,
+                 "%d micro-batch workers)", self.spec.name, self.spec.precision, threads,
                  spinning, self.max_tokens, workers)
 
     def _run(self, input_ids, attention_mask):
@@ -98,3 +87,20 @@ class TritonPythonModel:
 def run_encoder(session, input_ids, attention_mask):
     """One micro-batch through an ONNX Runtime session: the embedding rows."""
     return session.run([ENCODER_EMBEDDING_NAME], {INPUT_IDS.name: input_ids, ATTENTION_MASK.name: attention_mask})[0]
+
+
+def cpu_session(ort, model_path, threads: int, spinning: str = "always"):
+    """An ONNX Runtime CPU session: ``threads`` intra-op threads (0 = ORT's default), one inter-op thread.
+
+    ``spinning``: ``always`` (ORT's default), ``never``, or ``during_run`` (spin inside a run for cheap
+    wake-ups between ops, stop when it returns). Raises what ``ort.InferenceSession`` raises.
+    """
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    if spinning == "never":
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    elif spinning == "during_run":
+        options.add_session_config_entry("session.force_spinning_stop", "1")
+    return ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
