@@ -94,12 +94,37 @@ def cmd_make_random_qwen3(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_cache(sub) -> None:
+    p = sub.add_parser("cache", help="list or prune the exports `tritonembed serve` cached")
+    p.add_argument("action", choices=("list", "prune"),
+                   help="list: every cached export and its status; prune: remove the stale (older exporter "
+                        "revision), incomplete and leftover ones")
+    p.add_argument("--dry-run", action="store_true", help="prune: say what would be removed, remove nothing")
+    p.set_defaults(func=cmd_cache)
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    from tritonembed.cache import cache_dir
+    from tritonembed.export_cache import prune, scan
+
+    exports = cache_dir() / "exports"
+    entries = scan(exports) if args.action == "list" else prune(exports, dry_run=args.dry_run)
+    verb = {"list": "", "prune": "would remove " if args.dry_run else "removed "}[args.action]
+    for e in entries:
+        revision = "?" if e.revision is None else ("<=3" if e.revision == 3 and e.status == "stale" else str(e.revision))
+        print(f"{verb}{e.status:11s} rev {revision:3s} {e.size_bytes / 1e9:7.2f} GB  {e.precision:5s} {e.model_id}  {e.path}")
+    total = sum(e.size_bytes for e in entries)
+    print(f"{len(entries)} export(s), {total / 1e9:.2f} GB {'in ' + str(exports) if args.action == 'list' else ''}".rstrip())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tritonembed", description=__doc__.splitlines()[0])
     parser.add_argument("--log-level", default=env_default("log_level", "INFO"))
     sub = parser.add_subparsers(dest="command", required=True)
     _add_export(sub)
     _add_tools(sub)
+    _add_cache(sub)
     # Imported here: both modules import this one (env_default, DEFAULT_MODEL).
     from tritonembed import launcher_cli
     from tritonembed.benchmarks import cli as bench_cli

@@ -1,0 +1,105 @@
+"""``tritonembed cache list|prune``: which cached exports are current, which go, and that prune removes only those."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tritonembed.cli import main
+from tritonembed.export.pipeline import EXPORT_REVISION
+from tritonembed.export_cache import CACHE_KEY_FILENAME, prune, record_key, scan
+from tritonembed.spec import SPEC_FILENAME
+
+SPEC = {"model_id": "org/model", "precision": "int8"}
+
+
+@pytest.fixture
+def exports(tmp_path: Path, monkeypatch) -> Path:
+    monkeypatch.setenv("TRITONEMBED_CACHE", str(tmp_path))
+    root = tmp_path / "exports"
+    root.mkdir()
+    return root
+
+
+def _export(root: Path, name: str, *, spec: bool = True, report: dict | None = None, revision: int | None = None,
+            payload: int = 1000) -> Path:
+    d = root / name
+    d.mkdir()
+    (d / "model.onnx").write_bytes(b"\0" * payload)
+    if spec:
+        (d / SPEC_FILENAME).write_text(json.dumps(SPEC))
+    if report is not None:
+        (d / "report.json").write_text(json.dumps(report))
+    if revision is not None:
+        record_key(d, ["org/model", "int8", None, None, revision], revision)
+    return d
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_scan_tells_current_from_stale_incomplete_and_leftover(exports: Path) -> None:
+    _export(exports, "a-current-key", revision=EXPORT_REVISION)
+    _export(exports, "b-stale-key", revision=EXPORT_REVISION - 1)
+    _export(exports, "c-current-report", report={"graph": {"static_shapes": {"off": True}}})
+    _export(exports, "d-stale-report", report={"validation": {}})  # before revision 4: no graph section
+    _export(exports, "e-incomplete", spec=False)
+    _export(exports, f".f.tmp-{_dead_pid()}", spec=False)
+    _export(exports, f".g.tmp-{os.getpid()}", spec=False)  # an export still running
+    status = {e.path.name: e.status for e in scan(exports)}
+    assert status == {"a-current-key": "current", "b-stale-key": "stale", "c-current-report": "current",
+                      "d-stale-report": "stale", "e-incomplete": "incomplete",
+                      next(n for n in status if n.startswith(".f.")): "leftover",
+                      f".g.tmp-{os.getpid()}": "in progress"}
+    assert {e.path.name: e.size_bytes for e in scan(exports)}["a-current-key"] > 1000  # payload + spec + key
+
+
+def test_prune_removes_only_what_serve_no_longer_uses(exports: Path) -> None:
+    keep = [_export(exports, "current", revision=EXPORT_REVISION),
+            _export(exports, f".running.tmp-{os.getpid()}", spec=False)]
+    gone = [_export(exports, "stale", report={}), _export(exports, "incomplete", spec=False),
+            _export(exports, f".dead.tmp-{_dead_pid()}", spec=False)]
+    assert sorted(e.path for e in prune(exports, dry_run=True)) == sorted(gone)
+    assert all(d.exists() for d in keep + gone)  # a dry run removes nothing
+    assert sorted(e.path for e in prune(exports)) == sorted(gone)
+    assert all(d.exists() for d in keep) and not any(d.exists() for d in gone)
+    assert prune(exports) == []
+
+
+def test_cache_command_lists_and_prunes(exports: Path, capsys) -> None:
+    _export(exports, "current", revision=EXPORT_REVISION)
+    stale = _export(exports, "stale", report={})
+    assert main(["cache", "list"]) == 0
+    listed = capsys.readouterr().out
+    assert "current" in listed and "stale" in listed and "2 export(s)" in listed
+    assert main(["cache", "prune", "--dry-run"]) == 0
+    assert "would remove stale" in capsys.readouterr().out and stale.exists()
+    assert main(["cache", "prune"]) == 0
+    assert "removed stale" in capsys.readouterr().out and not stale.exists()
+    assert main(["cache", "list"]) == 0 and "1 export(s)" in capsys.readouterr().out
+
+
+def test_no_cache_yet(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("TRITONEMBED_CACHE", str(tmp_path / "nothing"))
+    assert main(["cache", "list"]) == 0 and "0 export(s)" in capsys.readouterr().out
+
+
+def test_serve_records_the_key_of_a_cached_export(exports: Path) -> None:
+    from tests.unit.test_spec import make_spec
+    from tritonembed.launcher_cli import ensure_export, export_cache_dir
+
+    target = export_cache_dir("org/model", "int8", None, None)
+    target.mkdir(parents=True)
+    make_spec(precision="int8").save(target)  # an export from before cache-key.json: a spec, no key
+    assert ensure_export("org/model", "int8", None, None) == target  # served from the cache
+    key = json.loads((target / CACHE_KEY_FILENAME).read_text())
+    assert key["export_revision"] == EXPORT_REVISION and key["fields"][:2] == ["org/model", "int8"]
+    assert {e.path: e.status for e in scan(exports)}[target] == "current"
