@@ -43,7 +43,7 @@ def python_legs(grpc_url: str, http_url: str, model: str, texts: Sequence[str],
 
     from tritonembed.client import EmbeddingClient, _transport
     from tritonembed.client.core import plan_embed
-    from tritonembed.spec import EMBEDDING_OUTPUT_NAME
+    from tritonembed.spec import EMBEDDING_OUTPUT_NAME, TOKEN_COUNT
 
     ours_grpc = closing.enter_context(EmbeddingClient(grpc_url, model=model))
     ours_http = closing.enter_context(EmbeddingClient(f"http://{http_url}", model=model))
@@ -58,12 +58,13 @@ def python_legs(grpc_url: str, http_url: str, model: str, texts: Sequence[str],
         for tensor, infer_input in zip(row, inputs, strict=True):
             request.inputs.add(name=tensor.name, datatype=tensor.datatype, shape=list(tensor.data.shape))
             request.raw_input_contents.append(infer_input._raw_content)  # tritonclient's serialized bytes
-        request.outputs.add(name=EMBEDDING_OUTPUT_NAME)
+        for output in (EMBEDDING_OUTPUT_NAME, TOKEN_COUNT.name):  # what the other legs ask for
+            request.outputs.add(name=output)
         requests.append(request)
     stub = service_pb2_grpc.GRPCInferenceServiceStub(closing.enter_context(grpc.insecure_channel(grpc_url)))
     tc_grpc = tgrpc.InferenceServerClient(grpc_url)
-    tc_http = thttp.InferenceServerClient(http_url)
     closing.callback(tc_grpc.close)
+    tc_http = thttp.InferenceServerClient(http_url)
     closing.callback(tc_http.close)
     grpc_outputs = _transport.requested_outputs(tgrpc)
     http_outputs = _transport.requested_outputs(thttp)

@@ -148,12 +148,13 @@ def paired_section(model: dict[str, Any]) -> list[str]:
     paired = model["ours"].get("paired")
     if not paired:
         return []
-    passes = f", {paired['short_passes']} times over," if paired.get("short_passes", 1) > 1 else ""
+    passes = paired.get("short_passes", 1)
     lines = [
         "#### Paired rounds (ours and the in-process baselines alternated, server up)", "",
         f"Each round: {paired.get('short_texts', 0)} short texts one at a time through perf_analyzer (3 windows of 64 "
-        f"requests, concurrency 1) and{passes} through the sync Python gRPC `EmbeddingClient`, the same texts one at a "
-        f"time through bare ORT; then a corpus of {paired['corpus_texts']} mixed texts ({paired['corpus_tokens']} tokens) "
+        "requests, concurrency 1) and through the sync Python gRPC `EmbeddingClient`, the same texts one at a time "
+        "through bare ORT" + (f" (these two legs: {passes} passes over the texts)" if passes > 1 else "") +
+        f"; then a corpus of {paired['corpus_texts']} mixed texts ({paired['corpus_tokens']} tokens) "
         "embedded in bulk by `EmbeddingClient.embed(corpus)`, by bare ORT in length-sorted batches of 32, by bare ORT "
         "over the micro-batches of the served planner (same grouping as the server: the strict ceiling) and by "
         "PyTorch in length-sorted batches of 32; the four bulk legs start one place later in each round, so none "

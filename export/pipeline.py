@@ -53,6 +53,7 @@ class ExportReport:
     precision: str
     output: str
     random_weights: bool
+    export_revision: int = EXPORT_REVISION
     files: dict[str, int] = field(default_factory=dict)
     export_seconds: float = 0.0
     validation: dict[str, Any] = field(default_factory=dict)

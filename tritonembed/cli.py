@@ -32,8 +32,9 @@ def env_default(flag: str, default=None, cast=str):
 
 
 def add_static_shapes_flag(p: argparse.ArgumentParser) -> None:
-    """``--no-static-shapes`` (env ``TRITONEMBED_NO_STATIC_SHAPES``): export the graph as torch traced it."""
-    p.add_argument("--no-static-shapes", dest="static_shapes", action="store_false",
+    """``--[no-]static-shapes`` (env ``TRITONEMBED_NO_STATIC_SHAPES=1`` turns the default off): ``--no-static-shapes``
+    exports the graph as torch traced it."""
+    p.add_argument("--static-shapes", action=argparse.BooleanOptionalAction,
                    default=not env_default("no_static_shapes", False, bool),
                    help="export the graph as torch traced it, shape arithmetic included (by default it becomes "
                         "constant shape inputs: faster on the CPU; docs/export.md has the GPU measurement)")
@@ -108,14 +109,21 @@ def cmd_cache(args: argparse.Namespace) -> int:
     from tritonembed.export_cache import prune, scan
 
     exports = cache_dir() / "exports"
-    entries = scan(exports) if args.action == "list" else prune(exports, dry_run=args.dry_run)
+    failed = []
+    if args.action == "list":
+        entries = scan(exports)
+    else:
+        entries, failed = prune(exports, dry_run=args.dry_run)
     verb = {"list": "", "prune": "would remove " if args.dry_run else "removed "}[args.action]
     for e in entries:
         revision = "?" if e.revision is None else ("<=3" if e.revision == 3 and e.status == "stale" else str(e.revision))
         print(f"{verb}{e.status:11s} rev {revision:3s} {e.size_bytes / 1e9:7.2f} GB  {e.precision:5s} {e.model_id}  {e.path}")
+    for e, reason in failed:
+        print(f"not removed {e.path}: {reason}")
     total = sum(e.size_bytes for e in entries)
-    print(f"{len(entries)} export(s), {total / 1e9:.2f} GB {'in ' + str(exports) if args.action == 'list' else ''}".rstrip())
-    return 0
+    where = f" in {exports}" if args.action == "list" else ""
+    print(f"{len(entries)} export(s), {total / 1e9:.2f} GB{where} (files hard-linked elsewhere are counted here too)")
+    return 1 if failed else 0
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -44,6 +44,10 @@ class RepositoryError(TritonEmbedError):
     """A Triton model repository could not be assembled."""
 
 
+class CacheError(TritonEmbedError):
+    """The export cache cannot be read or cleaned."""
+
+
 class ServerError(TritonEmbedError):
     """tritonserver (or the gateway) could not be started or died."""
 

@@ -2,8 +2,10 @@
 
 ``serve`` keys each cached export on its arguments and the exporter's revision
 (:func:`tritonembed.launcher_cli.export_cache_dir`), so an exporter upgrade re-exports into a new folder
-and the old one stays. Each export written since revision 4 records its key in ``cache-key.json``; older
-ones are recognised by their ``report.json`` (revision 4 was the first to write ``graph.static_shapes``).
+and the old one stays. An export's revision is read from its ``report.json`` (``export_revision``, written
+before the export is committed), else from the ``cache-key.json`` that ``serve`` writes beside it, else
+recognised: revision 4 was the first to write ``graph.static_shapes`` into the report. Symbolic links are
+left alone (listed, never removed).
 """
 
 from __future__ import annotations
@@ -17,12 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tritonembed.errors import CacheError
 from tritonembed.spec import SPEC_FILENAME
 
 log = logging.getLogger(__name__)
 
 CACHE_KEY_FILENAME = "cache-key.json"
-_STAGING = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)$")  # export_model's staging sibling
+# export_model's staging folder, and the backup commit_output keeps while it swaps a folder in
+_STAGING = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-(?P<pid>\d+)$")
 
 
 @dataclass(frozen=True)
@@ -30,8 +34,9 @@ class CachedExport:
     """One folder under ``<cache>/exports``.
 
     ``status``: ``current`` (the exporter's revision), ``stale`` (an older revision: ``serve`` no longer
-    uses it), ``incomplete`` (no spec: not an export ``serve`` can use), ``leftover`` (the staging folder of
-    an export whose process is gone) or ``in progress`` (the staging folder of a running export).
+    uses it), ``incomplete`` (no spec: not an export ``serve`` can use), ``leftover`` (the staging or backup
+    folder of an export whose process is gone), ``in progress`` (that of a running export; the process is
+    looked up on this machine only) or ``link`` (a symbolic link: never removed).
     """
 
     path: Path
@@ -53,18 +58,28 @@ def record_key(export_dir: Path, fields: list[Any], revision: int) -> None:
 
 
 def scan(exports_dir: Path) -> list[CachedExport]:
-    """Every folder under ``exports_dir`` (``<cache>/exports``), sorted by path; [] when it does not exist."""
+    """Every folder under ``exports_dir`` (``<cache>/exports``), sorted by path; [] when it does not exist.
+
+    Raises:
+        CacheError: ``exports_dir`` cannot be read.
+    """
     from tritonembed.export.pipeline import EXPORT_REVISION
 
     root = Path(exports_dir)
     if not root.is_dir():
         return []
+    try:
+        paths = sorted(p for p in root.iterdir() if p.is_dir())
+    except OSError as exc:
+        raise CacheError(f"cannot read the export cache {root}: {exc}") from exc
     found = []
-    for path in sorted(p for p in root.iterdir() if p.is_dir()):
+    for path in paths:
         staging = _STAGING.match(path.name)
         info = _read_json(path / SPEC_FILENAME) or {}
         revision = _revision(path)
-        if staging:
+        if path.is_symlink():
+            status = "link"
+        elif staging:
             status = "in progress" if _alive(int(staging["pid"])) else "leftover"
         elif not info:
             status = "incomplete"
@@ -73,29 +88,40 @@ def scan(exports_dir: Path) -> list[CachedExport]:
         else:
             status = "current"
         found.append(CachedExport(path, str(info.get("model_id", "?")), str(info.get("precision", "?")), revision,
-                                  status, _size(path)))
+                                  status, 0 if status == "link" else _size(path)))
     return found
 
 
-def prune(exports_dir: Path, *, dry_run: bool = False) -> list[CachedExport]:
-    """Remove the stale, incomplete and leftover folders of :func:`scan`; returns them.
+def prune(exports_dir: Path, *, dry_run: bool = False) -> tuple[list[CachedExport], list[tuple[CachedExport, str]]]:
+    """Remove the stale, incomplete and leftover folders of :func:`scan`.
+
+    Returns ``(removed, failed)``: what was (with ``dry_run``: would be) removed, and what could not be,
+    with the reason; a failure does not stop the others.
 
     Raises:
-        OSError: a folder could not be removed (the ones before it are gone).
+        CacheError: the cache cannot be read.
     """
-    doomed = [entry for entry in scan(exports_dir) if entry.removable]
-    for entry in doomed:
+    removed: list[CachedExport] = []
+    failed: list[tuple[CachedExport, str]] = []
+    for entry in (e for e in scan(exports_dir) if e.removable):
         if not dry_run:
-            shutil.rmtree(entry.path)
+            try:
+                shutil.rmtree(entry.path)
+            except OSError as exc:
+                log.warning("could not remove %s: %s", entry.path, exc)
+                failed.append((entry, str(exc)))
+                continue
             log.info("removed %s (%s, %.2f GB)", entry.path, entry.status, entry.size_bytes / 1e9)
-    return doomed
+        removed.append(entry)
+    return removed, failed
 
 
 def _revision(path: Path) -> int | None:
-    key = _read_json(path / CACHE_KEY_FILENAME) or {}
-    if isinstance(key.get("export_revision"), int):
-        return key["export_revision"]
     report = _read_json(path / "report.json")
+    key = _read_json(path / CACHE_KEY_FILENAME) or {}
+    for recorded in ((report or {}).get("export_revision"), key.get("export_revision")):
+        if isinstance(recorded, int):
+            return recorded
     if report is None:
         return None
     return 4 if "static_shapes" in (report.get("graph") or {}) else 3  # 3: revision 3 or older
@@ -122,9 +148,11 @@ def _size(path: Path) -> int:
 
 
 def _alive(pid: int) -> bool:
+    if pid <= 0:  # kill(0, ...) would signal our own process group
+        return False
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError, ValueError):
         return False
     except PermissionError:  # someone else's process
         return True

@@ -54,11 +54,20 @@ def test_scan_tells_current_from_stale_incomplete_and_leftover(exports: Path) ->
     _export(exports, "e-incomplete", spec=False)
     _export(exports, f".f.tmp-{_dead_pid()}", spec=False)
     _export(exports, f".g.tmp-{os.getpid()}", spec=False)  # an export still running
+    _export(exports, f".h.old-{_dead_pid()}", report={})  # commit_output's backup, its process gone
+    _export(exports, "i.tmp-huge", spec=False)  # not a staging name: an incomplete folder
+    _export(exports, ".j.tmp-99999999999999999999", spec=False)  # no such process (too large for kill)
+    _export(exports, ".k.tmp-0", spec=False)  # kill(0) would be our own process group
+    _export(exports, "l-revision-in-report", report={"export_revision": EXPORT_REVISION - 1,
+                                                       "graph": {"static_shapes": {}}})
+    (exports / "m-link").symlink_to(_export(exports.parent, "elsewhere", revision=EXPORT_REVISION - 1))
     status = {e.path.name: e.status for e in scan(exports)}
+    dead = {n for n in status if n.startswith((".f.", ".h."))}
     assert status == {"a-current-key": "current", "b-stale-key": "stale", "c-current-report": "current",
-                      "d-stale-report": "stale", "e-incomplete": "incomplete",
-                      next(n for n in status if n.startswith(".f.")): "leftover",
-                      f".g.tmp-{os.getpid()}": "in progress"}
+                      "d-stale-report": "stale", "e-incomplete": "incomplete", **{n: "leftover" for n in dead},
+                      f".g.tmp-{os.getpid()}": "in progress", "i.tmp-huge": "incomplete",
+                      ".j.tmp-99999999999999999999": "leftover", ".k.tmp-0": "leftover",
+                      "l-revision-in-report": "stale", "m-link": "link"}
     assert {e.path.name: e.size_bytes for e in scan(exports)}["a-current-key"] > 1000  # payload + spec + key
 
 
@@ -67,11 +76,35 @@ def test_prune_removes_only_what_serve_no_longer_uses(exports: Path) -> None:
             _export(exports, f".running.tmp-{os.getpid()}", spec=False)]
     gone = [_export(exports, "stale", report={}), _export(exports, "incomplete", spec=False),
             _export(exports, f".dead.tmp-{_dead_pid()}", spec=False)]
-    assert sorted(e.path for e in prune(exports, dry_run=True)) == sorted(gone)
+    link = exports / "link-to-stale"
+    link.symlink_to(_export(exports.parent, "stale-elsewhere", report={}))
+    keep.append(link)
+    assert sorted(e.path for e in prune(exports, dry_run=True)[0]) == sorted(gone)
     assert all(d.exists() for d in keep + gone)  # a dry run removes nothing
-    assert sorted(e.path for e in prune(exports)) == sorted(gone)
+    removed, failed = prune(exports)
+    assert sorted(e.path for e in removed) == sorted(gone) and failed == []
     assert all(d.exists() for d in keep) and not any(d.exists() for d in gone)
-    assert prune(exports) == []
+    assert (exports.parent / "stale-elsewhere").is_dir()  # a link is never followed
+    assert prune(exports) == ([], [])
+
+
+def test_prune_goes_on_past_a_folder_it_cannot_remove(exports: Path, monkeypatch) -> None:
+    import shutil
+
+    from tritonembed import export_cache
+
+    stuck, other = _export(exports, "a-stuck", report={}), _export(exports, "b-other", report={})
+    real = shutil.rmtree
+
+    def rmtree(path, *args, **kwargs):
+        if Path(path) == stuck:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(export_cache.shutil, "rmtree", rmtree)
+    removed, failed = prune(exports)
+    assert [e.path for e in removed] == [other] and [e.path for e, _ in failed] == [stuck]
+    assert "Permission denied" in failed[0][1] and stuck.exists() and not other.exists()
 
 
 def test_cache_command_lists_and_prunes(exports: Path, capsys) -> None:
