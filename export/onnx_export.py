@@ -61,8 +61,8 @@ def export_onnx(encoder, output: Path, *, example_length: int = 16, static_shape
     """Trace ``encoder`` to ``output`` (dynamic batch and sequence axes), one external-data file if > 2 GB.
 
     With ``static_shapes``, the traced shape arithmetic is replaced by constants where that is provably
-    the same graph (:mod:`tritonembed.export.static_shapes`); what was done goes into ``graph_report``
-    (key ``static_shapes``) when one is given.
+    the same graph (:mod:`tritonembed.export.static_shapes`); what was done (or ``{"off": True}``) goes
+    into ``graph_report`` (key ``static_shapes``) when one is given.
 
     Raises:
         ExportError: tracing or saving failed.
@@ -105,6 +105,8 @@ def export_onnx(encoder, output: Path, *, example_length: int = 16, static_shape
         frozen = freeze_shape_inputs(model)
         if graph_report is not None:
             graph_report["static_shapes"] = frozen.to_dict()
+    elif graph_report is not None:
+        graph_report["static_shapes"] = {"off": True}
     save_onnx(model, output)
     for leftover in staging.iterdir():
         leftover.unlink()

@@ -191,8 +191,6 @@ def _export_into(staging: Path, resolved: ResolvedModel, family: ModelFamily, sp
     log.info("exporting %s to ONNX (fp32)", resolved.model_id)
     backbone = family.load_backbone(resolved.path)
     export_onnx(build_pooled_encoder(backbone, spec), fp32_path, static_shapes=static_shapes, graph_report=report.graph)
-    if not static_shapes:
-        report.graph["static_shapes"] = {"off": True}
     del backbone
 
     reference = family.reference_embed(resolved.path, PROBE_TEXTS, spec)

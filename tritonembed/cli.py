@@ -36,8 +36,9 @@ def add_static_shapes_flag(p: argparse.ArgumentParser) -> None:
     exports the graph as torch traced it."""
     p.add_argument("--static-shapes", action=argparse.BooleanOptionalAction,
                    default=not env_default("no_static_shapes", False, bool),
-                   help="export the graph as torch traced it, shape arithmetic included (by default it becomes "
-                        "constant shape inputs: faster on the CPU; docs/export.md has the GPU measurement)")
+                   help="--static-shapes (the default): the traced shape arithmetic becomes constant shape inputs, "
+                        "faster on the CPU; --no-static-shapes: the graph as torch traced it (docs/export.md has "
+                        "the GPU measurement)")
 
 
 def _add_export(sub) -> None:

@@ -3,9 +3,8 @@
 ``serve`` keys each cached export on its arguments and the exporter's revision
 (:func:`tritonembed.launcher_cli.export_cache_dir`), so an exporter upgrade re-exports into a new folder
 and the old one stays. An export's revision is read from its ``report.json`` (``export_revision``, written
-before the export is committed), else from the ``cache-key.json`` that ``serve`` writes beside it, else
-recognised: revision 4 was the first to write ``graph.static_shapes`` into the report. Symbolic links are
-left alone (listed, never removed).
+before the export is committed), else recognised: revision 4 was the first to write ``graph.static_shapes``
+into the report. Symbolic links are left alone (listed, never removed).
 """
 
 from __future__ import annotations
@@ -24,7 +23,6 @@ from tritonembed.spec import SPEC_FILENAME
 
 log = logging.getLogger(__name__)
 
-CACHE_KEY_FILENAME = "cache-key.json"
 # export_model's staging folder, and the backup commit_output keeps while it swaps a folder in
 _STAGING = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-(?P<pid>\d+)$")
 
@@ -49,12 +47,6 @@ class CachedExport:
     @property
     def removable(self) -> bool:
         return self.status in ("stale", "incomplete", "leftover")
-
-
-def record_key(export_dir: Path, fields: list[Any], revision: int) -> None:
-    """Write ``cache-key.json`` into a cached export (the arguments its folder name was hashed from)."""
-    (Path(export_dir) / CACHE_KEY_FILENAME).write_text(
-        json.dumps({"export_revision": revision, "fields": fields}) + "\n", encoding="utf-8")
 
 
 def scan(exports_dir: Path) -> list[CachedExport]:
@@ -88,7 +80,7 @@ def scan(exports_dir: Path) -> list[CachedExport]:
         else:
             status = "current"
         found.append(CachedExport(path, str(info.get("model_id", "?")), str(info.get("precision", "?")), revision,
-                                  status, 0 if status == "link" else _size(path)))
+                                  status, 0 if status == "link" else folder_bytes(path)))
     return found
 
 
@@ -118,12 +110,10 @@ def prune(exports_dir: Path, *, dry_run: bool = False) -> tuple[list[CachedExpor
 
 def _revision(path: Path) -> int | None:
     report = _read_json(path / "report.json")
-    key = _read_json(path / CACHE_KEY_FILENAME) or {}
-    for recorded in ((report or {}).get("export_revision"), key.get("export_revision")):
-        if isinstance(recorded, int):
-            return recorded
     if report is None:
         return None
+    if isinstance(report.get("export_revision"), int):
+        return report["export_revision"]
     return 4 if "static_shapes" in (report.get("graph") or {}) else 3  # 3: revision 3 or older
 
 
@@ -136,7 +126,8 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def _size(path: Path) -> int:
+def folder_bytes(path: Path) -> int:
+    """The bytes of every file under ``path`` (links not followed; a file counts once per folder it is in)."""
     total = 0
     for root, _, files in os.walk(path):
         for name in files:

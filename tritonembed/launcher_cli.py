@@ -20,8 +20,8 @@ from tritonembed.spec import SPEC_FILENAME, ModelSpec
 log = logging.getLogger("tritonembed.serve")
 
 
-def _cache_fields(model: str, precision: str, max_length: int | None, name: str | None,
-                  int4_activations: str = "float32", static_shapes: bool = True) -> list:
+def export_cache_dir(model: str, precision: str, max_length: int | None, name: str | None,
+                     int4_activations: str = "float32", static_shapes: bool = True) -> Path:
     from tritonembed.export.pipeline import EXPORT_REVISION
 
     fields = [model, precision, max_length, name, EXPORT_REVISION]
@@ -29,12 +29,6 @@ def _cache_fields(model: str, precision: str, max_length: int | None, name: str 
         fields.append(int4_activations)
     if not static_shapes:
         fields.append("traced")
-    return fields
-
-
-def export_cache_dir(model: str, precision: str, max_length: int | None, name: str | None,
-                     int4_activations: str = "float32", static_shapes: bool = True) -> Path:
-    fields = _cache_fields(model, precision, max_length, name, int4_activations, static_shapes)
     key = json.dumps(fields)
     slug = "".join(c if c.isalnum() or c in "-._" else "-" for c in model)[-60:]
     return cache_dir() / "exports" / f"{slug}-{precision}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
@@ -60,11 +54,9 @@ def ensure_export(model: str, precision: str, max_length: int | None, name: str 
     if (Path(model) / SPEC_FILENAME).is_file():
         return Path(model)
     target = export_cache_dir(model, precision, max_length, name, int4_activations, static_shapes)
-    fields = _cache_fields(model, precision, max_length, name, int4_activations, static_shapes)
     try:
         ModelSpec.load(target)
         log.info("using cached export %s", target)
-        _record_key(target, fields)
         return target
     except SpecError:
         pass
@@ -73,28 +65,16 @@ def ensure_export(model: str, precision: str, max_length: int | None, name: str 
     log.info("exporting %s (%s) on first use into %s", model, precision, target)
     others = other_cached_exports(target)
     if others:  # an exporter upgrade re-exports; what it superseded stays until the user removes it
-        size = sum(f.stat().st_size for d in others for f in d.rglob("*") if f.is_file())
+        from tritonembed.export_cache import folder_bytes
+
+        size = sum(folder_bytes(d) for d in others)
         log.info("%d other cached export(s) of %s (%s), %.1f GB: an older exporter revision or other "
                  "arguments; `tritonembed cache prune` removes the older revisions: %s", len(others), model,
                  precision, size / 1e9, " ".join(str(d) for d in others))
     # STS-B is skipped here to start fast; `tritonembed export` measures it (see report.json there).
     export_model(model, target, precision=precision, max_length=max_length, name=name, overwrite=True, run_stsb=False,
                  int4_activations=int4_activations, static_shapes=static_shapes)
-    _record_key(target, fields)
     return target
-
-
-def _record_key(target: Path, fields: list) -> None:
-    """Write the cache key into ``target`` once (``tritonembed cache`` reads it); a read-only cache is fine."""
-    from tritonembed.export.pipeline import EXPORT_REVISION
-    from tritonembed.export_cache import CACHE_KEY_FILENAME, record_key
-
-    if (target / CACHE_KEY_FILENAME).is_file():
-        return
-    try:
-        record_key(target, fields, EXPORT_REVISION)
-    except OSError as exc:
-        log.debug("could not record the cache key of %s: %s", target, exc)
 
 
 def _serving_options(args: argparse.Namespace):

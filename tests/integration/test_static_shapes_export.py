@@ -108,11 +108,13 @@ def test_static_shapes_on_every_declared_bert_like_architecture(model_type: str,
 
 def test_export_without_static_shapes_keeps_the_traced_graph(tmp_path: Path) -> None:
     from tritonembed.cli import main
+    from tritonembed.export.pipeline import EXPORT_REVISION
 
     assert main(["export", "random-qwen3:tiny", "-o", str(tmp_path / "traced"), "--no-static-shapes"]) == 0
     assert main(["export", "random-qwen3:tiny", "-o", str(tmp_path / "static")]) == 0
     reports = {k: json.loads((tmp_path / k / "report.json").read_text()) for k in ("traced", "static")}
     assert reports["traced"]["passed"] and reports["static"]["passed"]
+    assert reports["traced"]["export_revision"] == reports["static"]["export_revision"] == EXPORT_REVISION
     assert reports["traced"]["graph"]["static_shapes"] == {"off": True}
     nodes = {k: len(onnx.load(str(tmp_path / k / "model.onnx"), load_external_data=False).graph.node) for k in reports}
     assert reports["static"]["graph"]["static_shapes"]["nodes_after"] == nodes["static"] < nodes["traced"]

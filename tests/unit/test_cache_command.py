@@ -12,7 +12,7 @@ import pytest
 
 from tritonembed.cli import main
 from tritonembed.export.pipeline import EXPORT_REVISION
-from tritonembed.export_cache import CACHE_KEY_FILENAME, prune, record_key, scan
+from tritonembed.export_cache import prune, scan
 from tritonembed.spec import SPEC_FILENAME
 
 SPEC = {"model_id": "org/model", "precision": "int8"}
@@ -33,10 +33,10 @@ def _export(root: Path, name: str, *, spec: bool = True, report: dict | None = N
     (d / "model.onnx").write_bytes(b"\0" * payload)
     if spec:
         (d / SPEC_FILENAME).write_text(json.dumps(SPEC))
+    if revision is not None:
+        report = {**(report or {}), "export_revision": revision}
     if report is not None:
         (d / "report.json").write_text(json.dumps(report))
-    if revision is not None:
-        record_key(d, ["org/model", "int8", None, None, revision], revision)
     return d
 
 
@@ -47,8 +47,8 @@ def _dead_pid() -> int:
 
 
 def test_scan_tells_current_from_stale_incomplete_and_leftover(exports: Path) -> None:
-    _export(exports, "a-current-key", revision=EXPORT_REVISION)
-    _export(exports, "b-stale-key", revision=EXPORT_REVISION - 1)
+    _export(exports, "a-current-revision", revision=EXPORT_REVISION)
+    _export(exports, "b-stale-revision", revision=EXPORT_REVISION - 1)
     _export(exports, "c-current-report", report={"graph": {"static_shapes": {"off": True}}})
     _export(exports, "d-stale-report", report={"validation": {}})  # before revision 4: no graph section
     _export(exports, "e-incomplete", spec=False)
@@ -63,12 +63,12 @@ def test_scan_tells_current_from_stale_incomplete_and_leftover(exports: Path) ->
     (exports / "m-link").symlink_to(_export(exports.parent, "elsewhere", revision=EXPORT_REVISION - 1))
     status = {e.path.name: e.status for e in scan(exports)}
     dead = {n for n in status if n.startswith((".f.", ".h."))}
-    assert status == {"a-current-key": "current", "b-stale-key": "stale", "c-current-report": "current",
+    assert status == {"a-current-revision": "current", "b-stale-revision": "stale", "c-current-report": "current",
                       "d-stale-report": "stale", "e-incomplete": "incomplete", **{n: "leftover" for n in dead},
                       f".g.tmp-{os.getpid()}": "in progress", "i.tmp-huge": "incomplete",
                       ".j.tmp-99999999999999999999": "leftover", ".k.tmp-0": "leftover",
                       "l-revision-in-report": "stale", "m-link": "link"}
-    assert {e.path.name: e.size_bytes for e in scan(exports)}["a-current-key"] > 1000  # payload + spec + key
+    assert {e.path.name: e.size_bytes for e in scan(exports)}["a-current-revision"] > 1000  # payload + spec + report
 
 
 def test_prune_removes_only_what_serve_no_longer_uses(exports: Path) -> None:
@@ -125,14 +125,15 @@ def test_no_cache_yet(tmp_path: Path, monkeypatch, capsys) -> None:
     assert main(["cache", "list"]) == 0 and "0 export(s)" in capsys.readouterr().out
 
 
-def test_serve_records_the_key_of_a_cached_export(exports: Path) -> None:
+def test_the_export_serve_uses_is_never_pruned(exports: Path) -> None:
     from tests.unit.test_spec import make_spec
     from tritonembed.launcher_cli import ensure_export, export_cache_dir
 
     target = export_cache_dir("org/model", "int8", None, None)
     target.mkdir(parents=True)
-    make_spec(precision="int8").save(target)  # an export from before cache-key.json: a spec, no key
+    make_spec(precision="int8").save(target)
+    (target / "report.json").write_text(json.dumps({"export_revision": EXPORT_REVISION}))
+    older = _export(exports, "org-model-int8-0123456789", report={"export_revision": EXPORT_REVISION - 1})
     assert ensure_export("org/model", "int8", None, None) == target  # served from the cache
-    key = json.loads((target / CACHE_KEY_FILENAME).read_text())
-    assert key["export_revision"] == EXPORT_REVISION and key["fields"][:2] == ["org/model", "int8"]
-    assert {e.path: e.status for e in scan(exports)}[target] == "current"
+    assert [e.path for e in prune(exports)[0]] == [older]
+    assert target.is_dir() and {e.path: e.status for e in scan(exports)} == {target: "current"}
