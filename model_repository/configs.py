@@ -65,7 +65,7 @@ class ServingOptions:
     # 0 = no bound (the default). Any ``default_queue_policy`` (even just ``max_queue_size``) makes the
     # dynamic batcher of Triton 2.51 miss wake-ups: an idle model sometimes leaves a new request queued for
     # its 500 ms default wait (MiniLM at concurrency 1: p99 532 ms and 71.7 instead of 169.4 requests/s;
-    # benchmarks/queue_policy.py, docs/serving.md).
+    # lab/queue_policy.py, docs/serving.md).
     # Overload is refused by the gateway's admission limit instead; set this for gRPC-only deployments
     # that prefer fast UNAVAILABLE errors over that tail.
     max_queue_size: int = 0
@@ -75,14 +75,14 @@ class ServingOptions:
     # CPU profile: when ONNX Runtime's intra-op threads busy-wait for work (SPINNING_MODES). "always" is
     # ONNX Runtime's default: they also spin for a while after each run (~30 ms of CPU here), competing for
     # the cores with the tokenizer and Triton's own threads. "during_run" stops them when a run returns;
-    # "never" never spins. Same-run A/B on 2 cores (benchmarks/serving_ab.py, alternated rounds; docs/serving.md):
+    # "never" never spins. Same-run A/B on 2 cores (lab/serving_ab.py, alternated rounds; docs/serving.md):
     # "during_run" vs "always": bulk +1.6..+6.9 %, 8 streams +4.9 %, short-text p99 -10..-17 %, p50 +0.08..0.15 ms;
     # "never": p50 +1.0 ms, p99 -23 %, bulk +1.5 %.
     intra_op_spinning: str = "during_run"
     # CPU profile: the encoder regroups rows of all queued requests by length and runs micro-batches of
     # at most this many tokens (padded; a longer text runs alone). Small micro-batches keep the activations
     # in the cores' caches: on the 2-core VM (2 MB L2 per core), same-run A/B of the server's bulk
-    # throughput (benchmarks/serving_ab.py, 6 alternated rounds): MiniLM 512 vs 4096 +13 %, 512 vs 1024
+    # throughput (lab/serving_ab.py, 6 alternated rounds): MiniLM 512 vs 4096 +13 %, 512 vs 1024
     # +5 %; Qwen3 shape (small) 512 vs 4096 +9 %; bare ORT on the 0.6B shape 512 vs 4096 +6 %. A single
     # short text is one micro-batch whatever the budget, so p50 does not move.
     max_tokens_per_batch: int = 512

@@ -1,4 +1,4 @@
-"""Smoke test of ``python -m tritonembed.benchmarks.client_overhead``: it runs and its result is well formed.
+"""Smoke test of ``python -m lab.client_overhead``: it runs and its result is well formed.
 
 Timings are not asserted (they are the benchmark's output, docs/benchmarks.md), only that every leg
 produced a positive p50 in every round and the differences are taken against perf_analyzer.
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tritonembed.benchmarks.client_overhead import LEGS, main
+from lab.client_overhead import LEGS, main
 
 pytestmark = pytest.mark.integration
 

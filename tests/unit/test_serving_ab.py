@@ -1,4 +1,4 @@
-from tritonembed.benchmarks.serving_ab import summarize
+from lab.serving_ab import summarize
 
 
 def _row(k, variant, p50, p99, tps):

@@ -7,8 +7,8 @@ long passages (4 x 128). Token ids are random (the time of a run does not depend
 the two graphs are compared on every shape. Reported: nodes as exported and after ONNX Runtime's own
 optimizations, p50 per shape and graph, and the median over rounds of static / traced.
 
-    python -m tritonembed.benchmarks.static_shapes_ab --models sentence-transformers/all-MiniLM-L6-v2,random-qwen3:small \\
-        --threads 2 --rounds 6 -o benchmarks/results/static-shapes-ab.json
+    python -m lab.static_shapes_ab --models sentence-transformers/all-MiniLM-L6-v2,random-qwen3:small \\
+        --threads 2 --rounds 6 -o lab/results/static-shapes-ab.json
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger("tritonembed.benchmarks.static_shapes_ab")
+log = logging.getLogger("lab.static_shapes_ab")
 
 SHAPES = ((1, 12), (16, 32), (4, 128))
 GRAPHS = ("traced", "static")
@@ -128,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for model_id in args.models:
             slug = "".join(c if c.isalnum() else "-" for c in model_id)
             results.append(compare(model_id, workdir / slug, args.threads, args.rounds, args.seconds))
-    out = {"command": " ".join(["python -m tritonembed.benchmarks.static_shapes_ab", *(argv or sys.argv[1:])]),
+    out = {"command": " ".join(["python -m lab.static_shapes_ab", *(argv or sys.argv[1:])]),
            "machine": machine_description(), "started": time.strftime("%Y-%m-%d %H:%M:%S"), "results": results}
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(out, indent=1) + "\n")

@@ -10,7 +10,7 @@ and the short ones are padded to the long one. This study replays the mixed work
   starts a new micro-batch when it is shorter than that fraction of the micro-batch's longest row;
 - the served default (``ServingOptions.max_tokens_per_batch`` tokens, ratio 0.7).
 
-    python -m tritonembed.benchmarks.planner_study EXPORT_DIR --rows 4,8,32 --threads 2
+    python -m lab.planner_study EXPORT_DIR --rows 4,8,32 --threads 2
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-log = logging.getLogger("tritonembed.benchmarks.planner_study")
+log = logging.getLogger("lab.planner_study")
 
 
 def planners(max_rows: int) -> dict[str, Callable[[Sequence[int]], list[list[int]]]]:
@@ -82,7 +82,7 @@ def study(export_dir: Path, rows_per_execute: Sequence[int], threads: int, texts
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tritonembed.benchmarks.planner_study")
+    p = argparse.ArgumentParser(prog="python -m lab.planner_study")
     p.add_argument("export_dir", type=Path)
     p.add_argument("--rows", type=lambda s: [int(x) for x in s.split(",")], default=[4, 8, 32])
     p.add_argument("--threads", type=int, default=2)

@@ -7,7 +7,7 @@ the benchmark's mixed workload, with the serving tokenizer and the same thread c
 - min / mean cosine to the FP32 graph;
 - texts/s over the workload sorted by length in batches of 32 (best of 3 passes, passes interleaved).
 
-    python -m tritonembed.benchmarks.int8_study EXPORT_DIR [--texts 256] [--threads 2] [-o out.json]
+    python -m lab.int8_study EXPORT_DIR [--texts 256] [--threads 2] [-o out.json]
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Any
 
 from tritonembed.benchmarks.report import table
 
-log = logging.getLogger("tritonembed.benchmarks.int8_study")
+log = logging.getLogger("lab.int8_study")
 
 
 def study(export_dir: Path, *, texts: int, threads: int, batch: int, workdir: Path) -> list[dict[str, Any]]:
@@ -71,7 +71,7 @@ def study(export_dir: Path, *, texts: int, threads: int, batch: int, workdir: Pa
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tritonembed.benchmarks.int8_study")
+    p = argparse.ArgumentParser(prog="python -m lab.int8_study")
     p.add_argument("export_dir", type=Path, help="an FP32 export (tritonembed export ... --precision fp32)")
     p.add_argument("--texts", type=int, default=256)
     p.add_argument("--threads", type=int, default=2)

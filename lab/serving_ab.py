@@ -11,7 +11,7 @@ back, in alternating order, so slow swings of load on a shared machine hit both 
 
 B / A is taken within each round; the medians are the verdict.
 
-    python -m tritonembed.benchmarks.serving_ab EXPORT_DIR --b intra_op_spinning=never [--rounds 4] [-o out.json]
+    python -m lab.serving_ab EXPORT_DIR --b intra_op_spinning=never [--rounds 4] [-o out.json]
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from typing import Any
 
 from tritonembed.benchmarks.report import table
 
-log = logging.getLogger("tritonembed.benchmarks.serving_ab")
+log = logging.getLogger("lab.serving_ab")
 
 
 def measure_once(server: Any, spec: Any, short: Sequence[str], corpus: Sequence[str], workdir: Path,
@@ -120,7 +120,7 @@ def summarize(rows: Sequence[dict[str, Any]], labels: Sequence[str]) -> dict[str
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tritonembed.benchmarks.serving_ab")
+    p = argparse.ArgumentParser(prog="python -m lab.serving_ab")
     p.add_argument("export_dir", type=Path)
     p.add_argument("--a", default="", help="variant A (default: the defaults)")
     p.add_argument("--b", required=True, help="variant B, e.g. intra_op_spinning=never")

@@ -7,7 +7,7 @@ and :class:`~tritonembed.client.EmbeddingClient` over gRPC and HTTP (all the wor
 planning, tensors, output parsing, re-normalization). The differences between legs are what each layer
 costs; ``tritonembed bench`` reports only perf_analyzer and the gRPC ``EmbeddingClient``.
 
-    python -m tritonembed.benchmarks.client_overhead EXPORT_DIR [--rounds 5] [--texts 16] [-o out.json]
+    python -m lab.client_overhead EXPORT_DIR [--rounds 5] [--texts 16] [-o out.json]
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger("tritonembed.benchmarks.client_overhead")
+log = logging.getLogger("lab.client_overhead")
 
 #: Legs in the order of the first round (later rounds rotate it).
 LEGS = ("perf_analyzer", "grpc_stub", "tritonclient_grpc", "tritonclient_http", "ours_grpc", "ours_http")
@@ -127,7 +127,7 @@ def measure(export_dir: Path, *, rounds: int, texts: int, samples: int, threads:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tritonembed.benchmarks.client_overhead", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m lab.client_overhead", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("export_dir", type=Path)
     parser.add_argument("--rounds", type=int, default=5)

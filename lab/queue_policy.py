@@ -5,7 +5,7 @@ Builds the CPU repository twice from one export -- ``max_queue_size=N`` (a ``def
 against the tokenizer model alone and against the whole ensemble. Queue time (summed over the models
 a request went through) comes from Triton's statistics API, as a delta around each run. Alternating the two servers cancels slow load swings.
 
-    python -m tritonembed.benchmarks.queue_policy EXPORT_DIR [--requests 1000] [--rounds 1] [-o out.json]
+    python -m lab.queue_policy EXPORT_DIR [--requests 1000] [--rounds 1] [-o out.json]
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 
 from tritonembed.benchmarks.report import table
 
-log = logging.getLogger("tritonembed.benchmarks.queue_policy")
+log = logging.getLogger("lab.queue_policy")
 
 
 def measure(export_dir: Path, *, queue_size: int, requests: int, threads: int, workdir: Path) -> list[dict[str, Any]]:
@@ -66,7 +66,7 @@ def measure(export_dir: Path, *, queue_size: int, requests: int, threads: int, w
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tritonembed.benchmarks.queue_policy")
+    p = argparse.ArgumentParser(prog="python -m lab.queue_policy")
     p.add_argument("export_dir", type=Path)
     p.add_argument("--queue-size", type=int, default=512, help="the bounded variant's max_queue_size")
     p.add_argument("--requests", type=int, default=1000, help="requests per perf_analyzer window")
