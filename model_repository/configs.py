@@ -57,41 +57,23 @@ class ServingOptions:
     max_texts_per_request: int = 64
     tokenizer_max_batch: int = 256
     encoder_max_batch: int = 256
-    # No queue delays: the tokenizer is cheap (batching it costs more latency than it saves), and under load
-    # the encoder batches whatever queued while it ran. 0 vs 200 us for the encoder differed by less than
-    # the machine's noise in four same-run comparisons (docs/benchmarks.md); 0 saves a fixed wait at low load.
+    # No queue delays: under load the encoder batches whatever queued while it ran (docs/serving.md).
     tokenizer_queue_delay_us: int = 0
     encoder_queue_delay_us: int = 0
-    # 0 = no bound (the default). Any ``default_queue_policy`` (even just ``max_queue_size``) makes the
-    # dynamic batcher of Triton 2.51 miss wake-ups: an idle model sometimes leaves a new request queued for
-    # its 500 ms default wait (MiniLM at concurrency 1: p99 532 ms and 71.7 instead of 169.4 requests/s;
-    # lab/queue_policy.py, docs/serving.md).
-    # Overload is refused by the gateway's admission limit instead; set this for gRPC-only deployments
-    # that prefer fast UNAVAILABLE errors over that tail.
+    # 0 = unbounded: any default_queue_policy makes Triton 2.51's batcher miss wake-ups (docs/serving.md,
+    # "Overload"); the gateway's admission limit refuses overload instead.
     max_queue_size: int = 0
     encoder_instances: int = 1
     tokenizer_instances: int = 1
     intra_op_threads: int = field(default_factory=lambda: os.cpu_count() or 1)
-    # CPU profile: when ONNX Runtime's intra-op threads busy-wait for work (SPINNING_MODES). "always" is
-    # ONNX Runtime's default: they also spin for a while after each run (~30 ms of CPU here), competing for
-    # the cores with the tokenizer and Triton's own threads. "during_run" stops them when a run returns;
-    # "never" never spins. Same-run A/B on 2 cores (lab/serving_ab.py, alternated rounds; docs/serving.md):
-    # "during_run" vs "always": bulk +1.6..+6.9 %, 8 streams +4.9 %, short-text p99 -10..-17 %, p50 +0.08..0.15 ms;
-    # "never": p50 +1.0 ms, p99 -23 %, bulk +1.5 %.
+    # CPU: when ONNX Runtime's threads busy-wait (SPINNING_MODES); "during_run" leaves the cores to the
+    # tokenizer and Triton once a run returns (docs/serving.md, "Profiles").
     intra_op_spinning: str = "during_run"
-    # CPU profile: the encoder regroups rows of all queued requests by length and runs micro-batches of
-    # at most this many tokens (padded; a longer text runs alone). Small micro-batches keep the activations
-    # in the cores' caches: on the 2-core VM (2 MB L2 per core), same-run A/B of the server's bulk
-    # throughput (lab/serving_ab.py, 6 alternated rounds): MiniLM 512 vs 4096 +13 %, 512 vs 1024
-    # +5 %; Qwen3 shape (small) 512 vs 4096 +9 %; bare ORT on the 0.6B shape 512 vs 4096 +6 %. A single
-    # short text is one micro-batch whatever the budget, so p50 does not move.
+    # CPU: padded tokens per micro-batch of rows regrouped by length (a longer text runs alone); small enough
+    # for the activations to stay in the cores' caches (docs/serving.md, "Batching across lengths").
     max_tokens_per_batch: int = 512
-    # CPU profile: when an execute plans at least stages.POOL_MIN_BATCHES micro-batches, run them this many at
-    # a time, one thread each, on a second single-threaded ONNX Runtime session (MicroBatchPool); 1 = one at a
-    # time on the main session. Applied only with >= 2 intra-op threads and a model of at most
-    # MICROBATCH_POOL_MAX_MODEL_BYTES (the second session holds its own copy of the weights). MiniLM, 2 cores,
-    # serving_ab 2 vs 1 (6 alternated rounds, twice): bulk +12 % / +10 % (better in all 12 rounds), 8 streams
-    # +3 % / +0.5 %, short p50 -0.16 / -0.13 ms. Using it for any plan of 2+ micro-batches cost 8 streams 12 %.
+    # CPU: micro-batches run this many at a time on a second single-threaded session (MicroBatchPool), only
+    # with >= 2 intra-op threads and a model of at most MICROBATCH_POOL_MAX_MODEL_BYTES; 1 = off.
     microbatch_workers: int = 2
     pad_to_buckets: bool = True
     tensorrt: bool = False
