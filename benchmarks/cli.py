@@ -9,7 +9,7 @@ import logging
 import tempfile
 from pathlib import Path
 
-from tritonembed.cli import env_default
+from tritonembed.cli_options import env_default
 
 log = logging.getLogger("tritonembed.bench")
 

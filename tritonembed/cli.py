@@ -8,49 +8,37 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from tritonembed import launcher_cli
+from tritonembed.benchmarks import cli as bench_cli
+from tritonembed.cli_options import DEFAULT_MODEL, Parser, add_static_shapes_flag, env_default
 from tritonembed.errors import TritonEmbedError
-from tritonembed.spec import INT4_ACTIVATIONS
+from tritonembed.spec import INT4_ACTIVATIONS, PRECISIONS
 
 log = logging.getLogger("tritonembed")
 
-DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+DESCRIPTION = """Serve sentence-embedding models on NVIDIA Triton Inference Server.
 
-
-def env_default(flag: str, default=None, cast=str):
-    """Default of ``--flag``: ``TRITONEMBED_FLAG`` when set, else ``default``."""
-    value = os.environ.get("TRITONEMBED_" + flag.upper().replace("-", "_"))
-    if value is None:
-        return default
-    if cast is bool:
-        return value.lower() in ("1", "true", "yes", "on")
-    return cast(value)
-
-
-def add_static_shapes_flag(p: argparse.ArgumentParser) -> None:
-    """``--[no-]static-shapes`` (env ``TRITONEMBED_NO_STATIC_SHAPES=1`` turns the default off): ``--no-static-shapes``
-    exports the graph as torch traced it."""
-    p.add_argument("--static-shapes", action=argparse.BooleanOptionalAction,
-                   default=not env_default("no_static_shapes", False, bool),
-                   help="--static-shapes (the default): the traced shape arithmetic becomes constant shape inputs, "
-                        "faster on the CPU; --no-static-shapes: the graph as torch traced it (docs/export.md has "
-                        "the GPU measurement)")
-
+Every flag also reads TRITONEMBED_<FLAG> from the environment (TRITONEMBED_HTTP_PORT=9000).
+Start with:  tritonembed serve            (exports all-MiniLM-L6-v2 on first use, serves it)
+             tritonembed COMMAND --help   (every option of a command, with its default)"""
 
 def _add_export(sub) -> None:
     p = sub.add_parser("export", help="export a Hugging Face checkpoint to a validated ONNX directory")
     p.add_argument("model", help="local Hugging Face directory or model id (e.g. sentence-transformers/all-MiniLM-L6-v2, "
                                  "Qwen/Qwen3-Embedding-4B, random-qwen3:tiny)")
-    p.add_argument("--precision", choices=("fp32", "fp16", "int8", "int4"), default=env_default("precision", "fp32"))
-    p.add_argument("--output", "-o", type=Path, required=env_default("output") is None, default=env_default("output"))
+    p.add_argument("--precision", choices=PRECISIONS, default=env_default("precision", "fp32"),
+                   help="weights and compute: fp32, fp16 (GPU), int8 (CPU), int4 (docs/quantization.md)")
+    p.add_argument("--output", "-o", type=Path, required=env_default("output") is None, default=env_default("output"),
+                   help="directory to write (model.onnx, tokenizer, tritonembed.json, report.json)")
     p.add_argument("--max-length", type=int, default=env_default("max_length", None, int),
                    help="maximum tokens per text (default: the family's, e.g. 8192 for Qwen3, 256 for MiniLM)")
     p.add_argument("--name", default=env_default("name"), help="served model name (default: last part of the id)")
-    p.add_argument("--overwrite", action="store_true", default=env_default("overwrite", False, bool))
+    p.add_argument("--overwrite", action="store_true", default=env_default("overwrite", False, bool),
+                   help="replace an existing output directory")
     p.add_argument("--skip-stsb", action="store_true", default=env_default("skip_stsb", False, bool),
                    help="do not measure STS-B Spearman for quantized real-weight models")
     p.add_argument("--int4-activations", choices=INT4_ACTIVATIONS, default=env_default("int4_activations", "float32"),
@@ -73,12 +61,12 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def _add_tools(sub) -> None:
     p = sub.add_parser("build-qwen-tokenizer", help="build Qwen3-Embedding's tokenizer files offline")
-    p.add_argument("output", type=Path)
+    p.add_argument("output", type=Path, help="directory for tokenizer.json, tokenizer_config.json and special_tokens_map.json")
     p.set_defaults(func=cmd_build_qwen_tokenizer)
     p = sub.add_parser("make-random-qwen3", help="write a random-weight Qwen3-Embedding-shaped checkpoint")
-    p.add_argument("output", type=Path)
-    p.add_argument("--shape", default="tiny", help="tiny, 0.6B, 4B or 8B")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("output", type=Path, help="directory for the checkpoint (config, safetensors, tokenizer)")
+    p.add_argument("--shape", default="tiny", help="tiny, small, 0.6B, 4B or 8B")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the weights")
     p.set_defaults(func=cmd_make_random_qwen3)
 
 
@@ -128,16 +116,14 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tritonembed", description=__doc__.splitlines()[0])
-    parser.add_argument("--log-level", default=env_default("log_level", "INFO"))
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = Parser(prog="tritonembed", description=DESCRIPTION)
+    parser.add_argument("--log-level", default=env_default("log_level", "INFO"),
+                        choices=("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG"), type=str.upper,
+                        help="log level of the command (and of the gateway it starts)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_export(sub)
     _add_tools(sub)
     _add_cache(sub)
-    # Imported here: both modules import this one (env_default, DEFAULT_MODEL).
-    from tritonembed import launcher_cli
-    from tritonembed.benchmarks import cli as bench_cli
-
     launcher_cli.register(sub)
     bench_cli.register(sub)
     return parser
@@ -146,7 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    # `tritonembed gateway` has its own --log-level (default None: the environment's), which overwrites this one.
+    level = (args.log_level or env_default("log_level", "INFO")).upper()
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     try:
         return int(args.func(args) or 0)

@@ -11,7 +11,7 @@ import signal
 import time
 from pathlib import Path
 
-from tritonembed.cli import DEFAULT_MODEL, add_static_shapes_flag, env_default
+from tritonembed.cli_options import DEFAULT_MODEL, add_static_shapes_flag, env_default
 from tritonembed.cache import cache_dir
 from tritonembed.errors import ServerError, SpecError
 from tritonembed.model_repository.configs import SPINNING_MODES, ServingOptions
