@@ -62,6 +62,10 @@ class ModelFamily(ABC):
     # Padding layouts under which the graph must give the reference answer. Absolute position
     # embeddings (BERT) make left padding wrong; rotary ones (Qwen3) are shift-invariant.
     padding_layouts: ClassVar[tuple[str, ...]] = ("right",)
+    # How the exported graph computes attention (:data:`tritonembed.export.onnx_export.ATTENTION_FORMS`):
+    # "unfused" is the traced MatMul -> Softmax -> MatMul (memory grows with length squared); "gqa" one
+    # GroupQueryAttention node per layer (:mod:`tritonembed.export.attention`, memory linear in length).
+    attention: ClassVar[str] = "unfused"
 
     @classmethod
     def matches(cls, config: dict[str, Any]) -> bool:
@@ -105,6 +109,7 @@ class Qwen3Family(ModelFamily):
     padding_side = "left"
     padding_layouts = ("left", "right", "mixed")
     fp32_atol = 1e-4
+    attention = "gqa"
     EOS_ID = 151643
     DEFAULT_MAX_LENGTH = 8192
     MAX_SUPPORTED_LENGTH = 32768

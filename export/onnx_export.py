@@ -15,15 +15,32 @@ log = logging.getLogger(__name__)
 ONNX_OPSET = 17
 EXTERNAL_DATA_SUFFIX = "_data"  # model.onnx -> model.onnx_data
 PROTOBUF_LIMIT = 2 * 1024**3
+# "unfused": the backbone traced as transformers runs it (eager attention); "gqa": a decoder with one
+# com.microsoft.GroupQueryAttention node per layer (tritonembed.export.attention; causal decoders only).
+ATTENTION_FORMS = ("unfused", "gqa")
 
 
-def build_pooled_encoder(backbone, spec: ModelSpec):
+def build_pooled_encoder(backbone, spec: ModelSpec, attention: str = "unfused"):
     """Wrap a transformers backbone so that ``forward(input_ids, attention_mask) -> embedding``.
 
     Last-token pooling takes, per row, the last position whose mask is 1: correct for left, right
-    and mixed padding alike.
+    and mixed padding alike. ``attention="gqa"`` builds the fused decoder of
+    :func:`tritonembed.export.attention.build_fused_qwen3_encoder` (last-token pooling only).
+
+    Raises:
+        ExportError: an unknown ``attention`` form, ``gqa`` with a pooling other than last-token, or a
+            backbone the fused decoder does not fit.
     """
     import torch
+
+    if attention not in ATTENTION_FORMS:
+        raise ExportError(f"unknown attention form {attention!r}; choose one of {', '.join(ATTENTION_FORMS)}")
+    if attention == "gqa":
+        if spec.pooling != "last_token":
+            raise ExportError(f"GroupQueryAttention is causal: it needs last-token pooling, not {spec.pooling}")
+        from tritonembed.export.attention import build_fused_qwen3_encoder
+
+        return build_fused_qwen3_encoder(backbone, normalize=spec.normalize)
 
     needs_token_types = "token_type_ids" in backbone.forward.__code__.co_varnames
     is_decoder = spec.pooling == "last_token"
@@ -62,7 +79,8 @@ def export_onnx(encoder, output: Path, *, example_length: int = 16, static_shape
 
     With ``static_shapes``, the traced shape arithmetic is replaced by constants where that is provably
     the same graph (:mod:`tritonembed.export.static_shapes`); what was done (or ``{"off": True}``) goes
-    into ``graph_report`` (key ``static_shapes``) when one is given.
+    into ``graph_report`` (key ``static_shapes``) when one is given, and which attention the graph
+    computes under key ``attention`` (:func:`tritonembed.export.attention.graph_attention`).
 
     Raises:
         ExportError: tracing or saving failed.
@@ -99,6 +117,10 @@ def export_onnx(encoder, output: Path, *, example_length: int = 16, static_shape
     except Exception as exc:  # torch raises a zoo of tracer/exporter exceptions
         raise ExportError(f"torch.onnx.export failed: {type(exc).__name__}: {exc}") from exc
     model = onnx.load(str(staged), load_external_data=True)
+    if graph_report is not None:
+        from tritonembed.export.attention import graph_attention
+
+        graph_report["attention"] = graph_attention(model)
     if static_shapes:
         from tritonembed.export.static_shapes import freeze_shape_inputs
 

@@ -22,7 +22,7 @@ import numpy as np
 from tritonembed.errors import ExportError, OutputExistsError, ValidationError
 from tritonembed.export.families import ExportOptions, ModelFamily, family_for, read_json
 from tritonembed.export.onnx_export import build_pooled_encoder, export_onnx, onnx_files
-from tritonembed.export.probes import PROBE_TEXTS
+from tritonembed.export.probes import LONG_PROBE_TOKENS, PROBE_TEXTS, long_probe_text
 from tritonembed.export.resolve import ResolvedModel, resolve_model
 from tritonembed.export.validate import OnnxEncoder, compare, validate_against_reference
 from tritonembed.model_repository.tokenization import SpecTokenizer
@@ -34,7 +34,10 @@ REPORT_FILENAME = "report.json"
 # Bumped whenever the same arguments start producing a different export (a new quantization method, a
 # graph change): caches keyed on it (``tritonembed serve``) then re-export instead of serving stale files.
 # 2: int8 with per-token activation scales. 3: int8 embedding tables as 8-bit blocks. 4: static shapes.
-EXPORT_REVISION = 4
+# 5: Qwen3 attention as GroupQueryAttention (memory linear in length); a long-input probe.
+EXPORT_REVISION = 5
+# The long probe (one text of LONG_PROBE_TOKENS) against the reference: the bar for long inputs.
+LONG_MIN_COSINE = 0.9999
 # Quality targets on STS-B (Spearman x100 drop versus FP32, real-weight models only).
 STSB_MAX_DROP = {"fp16": 0.1, "int8": 0.5, "int4": 2.0}
 # Floors on the probe set versus the FP32 export: below these a quantized export is broken, not just lossy.
@@ -190,7 +193,8 @@ def _export_into(staging: Path, resolved: ResolvedModel, family: ModelFamily, sp
     fp32_path = fp32_dir / spec.onnx_file
     log.info("exporting %s to ONNX (fp32)", resolved.model_id)
     backbone = family.load_backbone(resolved.path)
-    export_onnx(build_pooled_encoder(backbone, spec), fp32_path, static_shapes=static_shapes, graph_report=report.graph)
+    export_onnx(build_pooled_encoder(backbone, spec, family.attention), fp32_path, static_shapes=static_shapes,
+                graph_report=report.graph)
     del backbone
 
     reference = family.reference_embed(resolved.path, PROBE_TEXTS, spec)
@@ -203,6 +207,14 @@ def _export_into(staging: Path, resolved: ResolvedModel, family: ModelFamily, sp
                          "padding_layouts": list(family.padding_layouts)}
     report.failures.extend(f"fp32: {f}" for f in failures)
     if failures:
+        return report
+    long_text = long_probe_text(tokenizer.count_untruncated, min(spec.max_length, LONG_PROBE_TOKENS))
+    fp32_long = fp32.embed([long_text])
+    long_cmp = compare(fp32_long, family.reference_embed(resolved.path, [long_text], spec))
+    report.validation["fp32_long_input_vs_reference"] = {
+        "tokens": tokenizer.count_untruncated([long_text])[0], **long_cmp.to_dict(), "min_cosine_floor": LONG_MIN_COSINE}
+    if not long_cmp.finite or long_cmp.min_cosine < LONG_MIN_COSINE:
+        report.failures.append(f"fp32: long input min cosine {long_cmp.min_cosine:.6f} < {LONG_MIN_COSINE}")
         return report
 
     real_weights = not report.random_weights
@@ -234,6 +246,10 @@ def _export_into(staging: Path, resolved: ResolvedModel, family: ModelFamily, sp
             report.failures.append(f"{spec.precision}: NaN/Inf on the probe set (overflow)")
         elif cmp.min_cosine < floor:
             report.failures.append(f"{spec.precision}: min cosine to fp32 {cmp.min_cosine:.4f} < {floor}")
+        long_cmp = compare(quantized.embed([long_text]), fp32_long)
+        report.validation[f"{spec.precision}_long_input_vs_fp32"] = {**long_cmp.to_dict(), "min_cosine_floor": floor}
+        if not long_cmp.finite or long_cmp.min_cosine < floor:
+            report.failures.append(f"{spec.precision}: long input min cosine to fp32 {long_cmp.min_cosine:.4f} < {floor}")
         if fp32_scores:
             scores = stsb_scores(quantized.embed, spec.precision)
             target = STSB_MAX_DROP[spec.precision]

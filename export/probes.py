@@ -17,3 +17,25 @@ PROBE_TEXTS: tuple[str, ...] = (
     "Retrieval-augmented generation combines a search index with a language model so that answers "
     "are grounded in documents. " * 12,
 )
+
+# One text of about this many tokens (capped at the spec's max_length) checks each export at a length where
+# attention spans many kernel tiles; long enough to catch a wrong mask or position, short enough for a 2-core CPU.
+LONG_PROBE_TOKENS = 1024
+
+
+def long_probe_text(count_tokens, tokens: int) -> str:
+    """A text of at most ``tokens`` tokens (and close to it): the probe texts repeated, then cut by words.
+
+    ``count_tokens(texts) -> list[int]`` counts tokens without truncation (``SpecTokenizer.count_untruncated``).
+    """
+    words = " ".join(PROBE_TEXTS).split()
+    per_round = max(1, count_tokens([" ".join(words)])[0])
+    words = words * (tokens // per_round + 2)
+    low, high = 1, len(words)  # the longest prefix of words that fits: binary search on the word count
+    while low < high:
+        middle = (low + high + 1) // 2
+        if count_tokens([" ".join(words[:middle])])[0] <= tokens:
+            low = middle
+        else:
+            high = middle - 1
+    return " ".join(words[:low])

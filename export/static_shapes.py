@@ -206,6 +206,7 @@ def _symbolic_shapes(model: Any) -> tuple[dict[str, list[Dim | None]], dict[str,
     # attributes of onnxruntime's tool (pinned in constraints.txt). Should they change, freeze_shape_inputs
     # catches the error and leaves the graph as traced, with the reason in the report.
     inference = SymbolicShapeInference(int_max=2**31 - 1, auto_merge=True, guess_output_rank=False, verbose=0)
+    _complete_gqa_rule(inference)
     complete = False
     inference._preprocess(_weightless(model))
     while inference.run_:
@@ -227,6 +228,36 @@ def _symbolic_shapes(model: Any) -> tuple[dict[str, list[Dim | None]], dict[str,
                      if d.dim_param} | set(inference.input_symbols_)
     tainted = undecided_comparisons(model.graph.node, inference.sympy_data_)
     return shapes, values, dict(inference.suggested_merge_), input_symbols, tainted
+
+
+def _complete_gqa_rule(inference: Any) -> None:
+    """Teach ``inference`` the present_key / present_value shapes of a GroupQueryAttention without a past.
+
+    ONNX Runtime's rule types them only from ``past_key``; the fused Qwen3 graph has none (prompt only),
+    so the present tensors are (batch, kv_num_heads, sequence, head_size): the key's rows, per KV head.
+    """
+    from onnx import helper
+
+    original = inference.dispatcher_.get("GroupQueryAttention")
+    if original is None:
+        return
+
+    def rule(node: Any) -> None:
+        original(node)
+        if len(node.input) > 3 and node.input[3]:
+            return  # a past: ONNX Runtime's own rule typed the present outputs
+        key_shape = inference._try_get_shape(node, 1) if len(node.input) > 1 and node.input[1] else None
+        kv_heads = next((a.i for a in node.attribute if a.name == "kv_num_heads"), 0)
+        if key_shape is None or len(key_shape) != 3 or not isinstance(key_shape[2], int) or not kv_heads:
+            return
+        dtype = inference.known_vi_[node.input[0]].type.tensor_type.elem_type
+        shape = [key_shape[0], kv_heads, key_shape[1], key_shape[2] // kv_heads]
+        for index in (1, 2):
+            if len(node.output) > index and node.output[index]:
+                vi = inference.known_vi_[node.output[index]]
+                vi.CopyFrom(helper.make_tensor_value_info(vi.name, dtype, shape))
+
+    inference.dispatcher_["GroupQueryAttention"] = rule
 
 
 _COMPARISONS = {"Equal": "Eq", "Less": "Lt", "LessOrEqual": "Le", "Greater": "Gt", "GreaterOrEqual": "Ge"}
