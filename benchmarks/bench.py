@@ -32,12 +32,17 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tritonembed.benchmarks import stats as st
 from tritonembed.benchmarks.loadgen import closed_loop, make_batches
 from tritonembed.benchmarks.system import RssSampler, load_average, machine_description
 from tritonembed.errors import TritonEmbedError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from tritonembed.launcher import TritonServer
+    from tritonembed.model_repository.configs import ServingOptions
+    from tritonembed.spec import ModelSpec
 
 log = logging.getLogger("tritonembed.bench")
 
@@ -65,7 +70,7 @@ MODEL_CASES = {c.key: c for c in (MINILM, QWEN_SMALL, QWEN_06B)}
 
 @dataclass
 class BenchConfig:
-    """What one ``tritonembed bench`` run measures; :func:`quick_config` / :func:`full_config` are the presets."""
+    """What one ``tritonembed bench`` run measures; the defaults are the full mode, :func:`quick_config` / :func:`smoke_config` the other presets."""
 
     models: tuple[str, ...] = ("minilm", "qwen3-0.6b")
     precisions: tuple[str, ...] = ("fp32", "fp16", "int8", "int4")
@@ -215,7 +220,7 @@ def source_dir(model_id: str) -> Path:
 class ServerProbe:
     """Counter and statistics snapshots of one served model, for per-phase deltas."""
 
-    def __init__(self, server: Any, spec: Any) -> None:
+    def __init__(self, server: TritonServer, spec: ModelSpec) -> None:
         self.server = server
         self.spec = spec
 
@@ -383,7 +388,7 @@ class Bench:
                 "results": results}
 
     # ----- our server -----
-    def serve_and_measure(self, export_dir: Path, spec: Any, options: Any, workloads: dict[str, Workload], wdir: Path,
+    def serve_and_measure(self, export_dir: Path, spec: ModelSpec, options: ServingOptions, workloads: dict[str, Workload], wdir: Path,
                           *, full: bool, b32_only: bool = False, torch_embed: Any = None,
                           paired_bulk_rounds: int = 0) -> dict[str, Any]:
         from tritonembed.launcher import TritonServer
@@ -422,7 +427,7 @@ class Bench:
                 out["peak_rss_bytes"] = sampler.stop()
         return out
 
-    def paired(self, server: Any, spec: Any, export_dir: Path, workloads: dict[str, Workload],
+    def paired(self, server: TritonServer, spec: ModelSpec, export_dir: Path, workloads: dict[str, Workload],
                wdir: Path | None = None, *, torch_embed: Any = None,
                short_latency: bool = True, rounds: int | None = None, max_tokens: int | None = None,
                workers: int | None = None) -> dict[str, Any]:
@@ -509,7 +514,7 @@ class Bench:
                                 short_texts=len(short) if short_latency else 0,
                                 short_passes=SHORT_PASSES if short_latency else 0)
 
-    def warm_up(self, server: Any, spec: Any, workloads: dict[str, Workload]) -> None:
+    def warm_up(self, server: TritonServer, spec: ModelSpec, workloads: dict[str, Workload]) -> None:
         from tritonembed.client import EmbeddingClient
 
         with EmbeddingClient(server.grpc_url, model=spec.name) as client:
@@ -518,7 +523,7 @@ class Bench:
                 client.embed(mixed[start:start + 32])
             client.embed(list(workloads["short"].texts[:4]))
 
-    def perf_phases(self, server: Any, spec: Any, probe: ServerProbe, workloads: dict[str, Workload], wdir: Path,
+    def perf_phases(self, server: TritonServer, spec: ModelSpec, probe: ServerProbe, workloads: dict[str, Workload], wdir: Path,
                     *, b1: Sequence[int], b32: Sequence[int]) -> list[dict[str, Any]]:
         from tritonembed.benchmarks.perf_analyzer import PerfAnalyzerError, run_perf_analyzer
 
@@ -583,7 +588,7 @@ class Bench:
         cfg = self.config
         return [("short", 1, 1), ("mixed", 1, max(cfg.concurrency_b1)), ("mixed", 32, max(cfg.concurrency_b32))]
 
-    def client_phases(self, server: Any, spec: Any, probe: ServerProbe, workloads: dict[str, Workload]) -> list[dict]:
+    def client_phases(self, server: TritonServer, spec: ModelSpec, probe: ServerProbe, workloads: dict[str, Workload]) -> list[dict]:
         from tritonembed.client import AsyncEmbeddingClient
 
         async def make_call():
@@ -598,7 +603,7 @@ class Bench:
 
         return self._closed_loop_phases("async_client", probe, workloads, make_call, self.loop_phases())
 
-    def gateway_phases(self, server: Any, spec: Any, probe: ServerProbe, workloads: dict[str, Workload],
+    def gateway_phases(self, server: TritonServer, spec: ModelSpec, probe: ServerProbe, workloads: dict[str, Workload],
                        wdir: Path) -> list[dict] | dict[str, str]:
         from tritonembed.launcher import free_port
 
@@ -685,7 +690,7 @@ class Bench:
         return entries
 
     # ----- peer -----
-    def peers(self, case: ModelCase, export_dir: Path, spec: Any, workloads: dict[str, Workload], mdir: Path) -> dict:
+    def peers(self, case: ModelCase, export_dir: Path, spec: ModelSpec, workloads: dict[str, Workload], mdir: Path) -> dict:
         from tritonembed.benchmarks.peers import InfinityServer, PeerUnavailable, optimum_model_dir
 
         out: dict[str, Any] = {}
