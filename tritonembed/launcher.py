@@ -20,6 +20,7 @@ from pathlib import Path
 
 from tritonembed.cache import cache_dir
 from tritonembed.errors import ServerError
+from tritonembed.supervisor import ProcessGroup, ReapReport, rotate_logs
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,10 @@ class TritonServer:
     """A tritonserver process: started on given (or free) ports, ready-checked, stopped cleanly.
 
     Use as a context manager. ``start()`` raises :class:`ServerError` with the last log lines when the
-    server dies or is not ready before the deadline.
+    server dies or is not ready before the deadline. Each start writes a fresh ``log_file``; the logs of
+    earlier starts are kept as ``log_file.1`` (the previous) ... ``log_file.<keep_logs>``. ``stop()`` and
+    ``cleanup()`` leave no process of the server's group and none of its ``/dev/shm`` regions behind, also
+    when the main process already died.
     """
 
     def __init__(
@@ -108,6 +112,7 @@ class TritonServer:
         extra_args: tuple[str, ...] = (),
         gpu: bool = False,
         host: str = "127.0.0.1",
+        keep_logs: int = 5,
     ) -> None:
         self.repository = Path(repository)
         self.http_port = http_port or free_port()
@@ -118,7 +123,10 @@ class TritonServer:
         self.extra_args = extra_args
         self.gpu = gpu
         self.host = host
+        self.keep_logs = keep_logs
         self.process: subprocess.Popen | None = None
+        self.group: ProcessGroup | None = None
+        self.starts = 0
 
     @property
     def http_url(self) -> str:
@@ -168,17 +176,28 @@ class TritonServer:
             ensure_port_free(port, what)
         cmd = self.command()
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        rotate_logs(self.log_file, self.keep_logs)  # a crash's log survives the next start
         log.info("starting tritonserver (http %d, grpc %d, metrics %d), log %s", self.http_port, self.grpc_port,
                  self.metrics_port, self.log_file)
+        self.starts += 1
         with open(self.log_file, "wb") as out:
+            # Which start wrote this log, so a kept crash log can be told from the logs of other starts.
+            out.write(f"== tritonembed: tritonserver start #{self.starts} at {time.strftime('%Y-%m-%d %H:%M:%S %z')}, "
+                      f"http port {self.http_port} ==\n".encode())
+            out.flush()
             self.process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=self.environment(),
                                             start_new_session=True)
+        self.group = ProcessGroup(self.process.pid)
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise ServerError(f"tritonserver exited with code {self.process.returncode} during startup:\n{self.log_tail()}")
+                tail = self.log_tail()
+                self.cleanup()
+                raise ServerError(f"tritonserver exited with code {self.process.returncode} during startup "
+                                  f"(log {self.log_file}):\n{tail}")
             if self.is_ready():
-                log.info("tritonserver ready")
+                self.remember_shm()
+                log.info("tritonserver ready (pid %d)", self.process.pid)
                 return self
             time.sleep(0.25)
         self.stop()
@@ -200,20 +219,38 @@ class TritonServer:
         except OSError:
             return "(no log)"
 
+    def remember_shm(self) -> set[str]:
+        """Record the ``/dev/shm`` regions the server's processes map now (removed by :meth:`cleanup`)."""
+        return self.group.remember_shm() if self.group is not None else set()
+
+    def cleanup(self) -> ReapReport:
+        """Kill what is left of the server's process group and remove its shm regions (see ProcessGroup.reap).
+
+        Call after the main process exited; a no-op report when the server never started.
+        """
+        if self.group is None:
+            return ReapReport()
+        return self.group.reap()
+
     def stop(self, timeout: float = 20.0) -> None:
-        """terminate -> wait -> kill (the whole process group: the Python-backend stubs too)."""
-        if self.process is None or self.process.poll() is not None:
+        """terminate -> wait -> kill the whole process group, then :meth:`cleanup` (also after a crash:
+        the Python-backend stubs of a killed server outlive it)."""
+        if self.process is None:
             return
-        try:
-            os.killpg(self.process.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            return
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            log.warning("tritonserver did not stop in %.0fs; killing", timeout)
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(5)
+        if self.process.poll() is None:
+            try:
+                os.killpg(self.process.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                log.warning("tritonserver did not stop in %.0fs; killing", timeout)
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(5)
+        report = self.cleanup()
+        if report.killed or report.removed_shm:
+            log.info("tritonserver leftovers cleaned up: %s", report)
 
     def __enter__(self) -> TritonServer:
         return self.start()

@@ -8,7 +8,6 @@ import json
 import logging
 import os
 import signal
-import time
 from pathlib import Path
 
 from tritonembed.cli_options import DEFAULT_MODEL, add_static_shapes_flag, env_default
@@ -131,6 +130,16 @@ def register(sub) -> None:
     p.add_argument("--gateway-host", default=env_default("gateway_host", "127.0.0.1"))
     p.add_argument("--no-gateway", action="store_true", default=env_default("no_gateway", False, bool))
     p.add_argument("--startup-timeout", type=float, default=env_default("startup_timeout", 300.0, float))
+    p.add_argument("--max-restarts", type=int, default=env_default("max_restarts", 5, int),
+                   help="restart a dead tritonserver at most this many times per --restart-window, then exit "
+                        "non-zero (default 5; 0 = never restart)")
+    p.add_argument("--restart-window", type=float, default=env_default("restart_window", 60.0, float),
+                   help="seconds over which --max-restarts counts (default 60)")
+    p.add_argument("--restart-backoff", type=float, default=env_default("restart_backoff", 1.0, float),
+                   help="seconds before the first restart; doubles per restart within the window, at most 30 "
+                        "(default 1)")
+    p.add_argument("--keep-logs", type=int, default=env_default("keep_logs", 5, int),
+                   help="logs of earlier tritonserver starts kept beside the current one as .1 ... .N (default 5)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("gateway", help="run only the OpenAI-compatible gateway in front of a running Triton")
@@ -180,9 +189,22 @@ def _raise_stop(signum, frame):  # noqa: ARG001 - signal handler signature
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    """Export if needed, assemble, run tritonserver under a :class:`~tritonembed.supervisor.Supervisor` (+ gateway).
+
+    Returns 0 after SIGTERM / SIGINT.
+
+    Raises:
+        ServerError: a taken port, a first start that fails, or (SupervisorGaveUp) a server that kept dying.
+    """
     from tritonembed.launcher import TritonServer, ensure_port_free
     from tritonembed.model_repository.assemble import build_repository
+    from tritonembed.supervisor import RestartPolicy, Supervisor
 
+    try:
+        policy = RestartPolicy(args.max_restarts, args.restart_window, args.restart_backoff,
+                               max(30.0, args.restart_backoff))
+    except ValueError as exc:
+        raise ServerError(f"{exc} (--max-restarts, --restart-window, --restart-backoff)") from exc
     if args.profile == "gpu" and not os.environ.get("TRITONEMBED_TRITONSERVER"):
         raise ServerError("the gpu profile needs Triton's onnxruntime backend (the NGC tritonserver container): "
                           "use docker-compose, or set TRITONEMBED_TRITONSERVER to that tritonserver binary")
@@ -197,7 +219,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     server = TritonServer(repository, http_port=args.http_port, grpc_port=args.grpc_port,
                           metrics_port=args.metrics_port, startup_timeout=args.startup_timeout,
                           log_file=repository.parent / f"tritonserver-{args.http_port}.log", gpu=args.profile == "gpu",
-                          host=args.host)
+                          host=args.host, keep_logs=args.keep_logs)
     previous = {s: signal.signal(s, _raise_stop) for s in (signal.SIGTERM, signal.SIGINT)}
     gateway = None
     try:
@@ -214,9 +236,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             except RuntimeError as exc:
                 raise ServerError(str(exc)) from exc
         _announce(specs, server, gateway)
-        while server.is_alive():
-            time.sleep(0.5)
-        raise ServerError(f"tritonserver exited unexpectedly (code {server.process.returncode}):\n{server.log_tail()}")
+        # The gateway keeps running across restarts (it answers 503 while Triton is down).
+        Supervisor(server, policy).run()
     except _Stop as stop:
         log.info("%s received: shutting down", stop)
         return 0
