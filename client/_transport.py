@@ -38,6 +38,27 @@ def import_protocol(protocol: str, *, aio: bool) -> ModuleType:
         ) from exc
 
 
+# gRPC's default reconnect backoff (1 s, x1.6, up to 120 s) left the channel in backoff for 39-55 s
+# after a restarted Triton was ready; capped at 1 s, a channel reconnects within about a second.
+RECONNECT_BACKOFF_MS = {"grpc.initial_reconnect_backoff_ms": 250, "grpc.min_reconnect_backoff_ms": 250,
+                        "grpc.max_reconnect_backoff_ms": 1000}
+
+
+def grpc_channel_args() -> list[tuple[str, Any]]:
+    """The options tritonclient sets by default (its message size and ``KeepAliveOptions`` defaults;
+    passing ``channel_args`` replaces them all) plus a short reconnect backoff."""
+    size = 2**31 - 1  # tritonclient's MAX_GRPC_MESSAGE_SIZE
+    return [
+        ("grpc.max_send_message_length", size),
+        ("grpc.max_receive_message_length", size),
+        ("grpc.keepalive_time_ms", size),
+        ("grpc.keepalive_timeout_ms", 20000),
+        ("grpc.keepalive_permit_without_calls", False),
+        ("grpc.http2.max_pings_without_data", 2),
+        *RECONNECT_BACKOFF_MS.items(),
+    ]
+
+
 def infer_inputs(module: ModuleType, tensors: Sequence[TensorData]) -> list[Any]:
     """Wrap protocol-neutral tensors in the protocol's ``InferInput``."""
     inputs = []

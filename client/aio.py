@@ -102,7 +102,9 @@ class AsyncEmbeddingClient:
             raise EmbeddingError("the client is closed")
         if self._client_obj is None:
             if self._target.protocol == "grpc":
-                self._client_obj = self._module.InferenceServerClient(self._target.address, ssl=self._target.ssl)
+                self._client_obj = self._module.InferenceServerClient(
+                    self._target.address, ssl=self._target.ssl, channel_args=_transport.grpc_channel_args()
+                )
             else:
                 self._client_obj = self._module.InferenceServerClient(
                     self._target.address, conn_timeout=self.timeout, conn_limit=max(100, self.max_concurrency), ssl=self._target.ssl
@@ -285,8 +287,14 @@ class AsyncEmbeddingClient:
         module = self._module
         inputs = _transport.infer_inputs(module, plan.chunk_inputs(k))
         outputs = _transport.requested_outputs(module)
-        result = await self._retrying(
-            f"request {k + 1}/{len(plan.chunks)} to {plan.info.name!r}",
-            lambda: self._call("infer", plan.info.name, inputs, outputs=outputs),
-        )
+        try:
+            result = await self._retrying(
+                f"request {k + 1}/{len(plan.chunks)} to {plan.info.name!r}",
+                lambda: self._call("infer", plan.info.name, inputs, outputs=outputs),
+            )
+        except EmbeddingError as error:
+            located = plan.locate_error(k, error)  # the server numbers texts within this chunk
+            if located is error:
+                raise
+            raise located from error.__cause__
         return plan.read_outputs(k, *_transport.output_arrays(result))

@@ -30,6 +30,7 @@ from tritonembed.client.errors import (
     Timeout,
 )
 from tritonembed.errors import SpecError
+from tritonembed.text_rules import is_blank
 from tritonembed.spec import (
     EMBEDDING_OUTPUT_NAME,
     INSTRUCTION,
@@ -187,9 +188,9 @@ def resolve_dimensions(spec: ModelSpec, dimensions: Any, *, force: bool = False)
         return dims
     if low == high and not force:
         raise InvalidArgument(
-            f"model {spec.name!r} is not Matryoshka-trained: dimensions must be {high}, got {dims} "
-            f"(pass force_dimensions=True to slice anyway)",
+            f"model {spec.name!r} is not Matryoshka-trained: dimensions must be {high} (or left out), got {dims}",
             param="dimensions",
+            hint="pass force_dimensions=True to slice anyway",
         )
     raise InvalidArgument(f"dimensions must be between {low} and {high} for model {spec.name!r}, got {dims}", param="dimensions")
 
@@ -200,10 +201,13 @@ def resolve_instruction(spec: ModelSpec, input_type: str | None, instruction: st
     Rules: an explicit non-empty ``instruction`` makes the texts queries and wins over the default;
     ``input_type="query"`` alone uses ``spec.default_query_instruction``; ``input_type="document"``
     together with an ``instruction`` is a contradiction and is rejected. A model whose
-    ``default_query_instruction`` is empty embeds queries exactly like documents.
+    ``default_query_instruction`` is empty embeds queries exactly like documents. An explicit
+    ``instruction`` for a model whose ``query_template`` has no ``{instruction}`` slot would be
+    ignored, so it is refused.
 
     Raises:
-        InvalidArgument: unknown ``input_type``, non-string ``instruction``, or the contradiction above.
+        InvalidArgument: unknown ``input_type``, non-string ``instruction``, the contradiction above,
+            or an ``instruction`` the model has no template for.
     """
     if input_type is not None and input_type not in INPUT_TYPES:
         raise InvalidArgument(f"input_type must be one of {INPUT_TYPES} or None, got {input_type!r}", param="input_type")
@@ -213,6 +217,12 @@ def resolve_instruction(spec: ModelSpec, input_type: str | None, instruction: st
         if input_type == "document":
             raise InvalidArgument(
                 "instruction makes the texts queries; it cannot be combined with input_type='document'", param="instruction"
+            )
+        if "{instruction}" not in spec.query_template:
+            raise InvalidArgument(
+                f"model {spec.name!r} takes no instruction (its query template has no instruction slot); "
+                f"leave 'instruction' out" + (", or send input_type='query'" if spec.default_query_instruction else ""),
+                param="instruction",
             )
         _encode(instruction, "instruction", "instruction")
         return instruction
@@ -232,8 +242,9 @@ def encode_texts(texts: str | Sequence[str]) -> list[bytes]:
     """UTF-8 encode ``texts`` (one string or a sequence of strings), checking each locally.
 
     Raises:
-        InvalidArgument: not a string or a sequence of strings, an empty text, or text that is not
-            encodable as UTF-8 (lone surrogates). The message names the offending index.
+        InvalidArgument: not a string or a sequence of strings, a blank text (see
+            :func:`tritonembed.text_rules.is_blank`), or text that is not encodable as UTF-8 (lone
+            surrogates). The message and ``param`` name the offending index (``texts[3]``).
     """
     if isinstance(texts, str):
         texts = [texts]
@@ -242,10 +253,10 @@ def encode_texts(texts: str | Sequence[str]) -> list[bytes]:
     encoded = []
     for i, text in enumerate(texts):
         if not isinstance(text, str):
-            raise InvalidArgument(f"texts[{i}] must be a string, got {type(text).__name__}", param="texts")
-        if not text:
-            raise InvalidArgument(f"texts[{i}] is empty", param="texts")
-        encoded.append(_encode(text, f"texts[{i}]", "texts"))
+            raise InvalidArgument(f"texts[{i}] must be a string, got {type(text).__name__}", param=f"texts[{i}]")
+        if is_blank(text):
+            raise InvalidArgument(f"texts[{i}] is empty", param=f"texts[{i}]")
+        encoded.append(_encode(text, f"texts[{i}]", f"texts[{i}]"))
     return encoded
 
 
@@ -311,6 +322,10 @@ class EmbeddingResult:
         return int(self.embeddings.shape[1])
 
 
+# How the Triton tokenizer model numbers a text inside one request ("text 7", "texts[7]", "input[7]").
+_CHUNK_TEXT = re.compile(r"\btext (\d+)\b|\b(?:texts|input)\[(\d+)\]")
+
+
 @dataclass(frozen=True)
 class EmbedPlan:
     """A validated embed call split into chunks; the shells send ``chunk_inputs(k)`` for each k."""
@@ -337,6 +352,26 @@ class EmbedPlan:
         if not self.truncate:
             inputs.append(_column(TRUNCATE, [False] * len(indices)))
         return inputs
+
+    def locate_error(self, k: int, error: EmbeddingError) -> EmbeddingError:
+        """``error`` from chunk ``k`` with the server's chunk-local text numbers ("text 7") turned
+        into the caller's indices (``texts[157]``), in the message and in ``param``."""
+        indices = self.chunks[k]
+        found: list[int] = []
+
+        def caller_index(match: re.Match[str]) -> str:
+            local = int(match.group(1) or match.group(2))
+            if local >= len(indices):
+                return match.group(0)
+            found.append(int(indices[local]))
+            return f"texts[{found[-1]}]"
+
+        message = _CHUNK_TEXT.sub(caller_index, error.message)
+        if not found:
+            return error
+        located = type(error)(message, status=error.status, param=f"texts[{found[0]}]", hint=error.hint)
+        located.__cause__ = error.__cause__
+        return located
 
     def read_outputs(self, k: int, embedding: np.ndarray | None, token_count: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         """Check chunk ``k``'s outputs against the contract.
@@ -441,8 +476,9 @@ _STATUS_ERRORS: dict[str, type[EmbeddingError]] = {
     "413": InvalidArgument,
     "NOT_FOUND": ModelNotFound,
     "404": ModelNotFound,
-    "UNAVAILABLE": Overloaded,
-    "503": Overloaded,
+    # gRPC UNAVAILABLE / HTTP 503 without a queue message: the server is down, restarting or not ready.
+    "UNAVAILABLE": ConnectionFailed,
+    "503": ConnectionFailed,
     "429": Overloaded,
     "DEADLINE_EXCEEDED": Timeout,
     "408": Timeout,
@@ -472,7 +508,8 @@ _MESSAGE_ERRORS: tuple[tuple[re.Pattern[str], frozenset[str], type[EmbeddingErro
         re.compile(
             r"failed to connect|connection refused|connect failed|connection reset|socket closed|broken pipe|"
             r"dns resolution|name resolution|name or service not known|no route to host|network is unreachable|"
-            r"failed to pick subchannel|connection aborted|server disconnected",
+            r"failed to pick subchannel|connection aborted|server disconnected|stream removed|goaway|"
+            r"endpoint closing|transport is closing|server is not ready|server is stopping",
             re.I,
         ),
         _AMBIGUOUS,

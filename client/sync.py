@@ -122,7 +122,9 @@ class EmbeddingClient:
             if self._grpc is None:
                 with self._lock:
                     if self._grpc is None:
-                        self._grpc = self._module.InferenceServerClient(self._target.address, ssl=self._target.ssl)
+                        self._grpc = self._module.InferenceServerClient(
+                            self._target.address, ssl=self._target.ssl, channel_args=_transport.grpc_channel_args()
+                        )
                         self._opened.append(self._grpc)
             return self._grpc
         client = getattr(self._local, "client", None)
@@ -332,8 +334,14 @@ class EmbeddingClient:
         module = self._module
         inputs = _transport.infer_inputs(module, plan.chunk_inputs(k))
         outputs = _transport.requested_outputs(module)
-        result = self._retrying(
-            f"request {k + 1}/{len(plan.chunks)} to {plan.info.name!r}",
-            lambda: self._call("infer", plan.info.name, inputs, outputs=outputs),
-        )
+        try:
+            result = self._retrying(
+                f"request {k + 1}/{len(plan.chunks)} to {plan.info.name!r}",
+                lambda: self._call("infer", plan.info.name, inputs, outputs=outputs),
+            )
+        except EmbeddingError as error:
+            located = plan.locate_error(k, error)  # the server numbers texts within this chunk
+            if located is error:
+                raise
+            raise located from error.__cause__
         return plan.read_outputs(k, *_transport.output_arrays(result))

@@ -1,6 +1,6 @@
 """The OpenAI-compatible HTTP gateway: ``create_app(settings) -> FastAPI``.
 
-Routes: ``POST /v1/embeddings``, ``GET /v1/models``, ``GET /v1/models/{model}``, ``GET /health``
+Routes: ``POST /v1/embeddings``, ``GET /v1/models``, ``GET /v1/models/{model}``, ``GET|HEAD /health``
 (liveness, no auth), ``GET /ready`` (Triton and its tritonembed models ready), ``GET /metrics``
 (Prometheus). ``/embeddings`` and ``/models`` answer too, for clients configured without ``/v1``.
 The gateway talks to Triton only through :class:`tritonembed.client.AsyncEmbeddingClient`.
@@ -21,9 +21,10 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
-from tritonembed.client import AsyncEmbeddingClient, EmbeddingError, ModelInfo, RetryPolicy
+from tritonembed.client import AsyncEmbeddingClient, EmbeddingError, ModelInfo, ModelNotFound, RetryPolicy
 from tritonembed.gateway.admission import InputAdmission
 from tritonembed.gateway.errors import ErrorKind, GatewayError, describe, error_response
 from tritonembed.gateway.metrics import CONTENT_TYPE, Metrics
@@ -35,6 +36,7 @@ from tritonembed.gateway.schemas import (
 )
 from tritonembed.gateway.settings import GatewaySettings
 from tritonembed.gateway.tokens import TokenDecoder
+from tritonembed.text_rules import first_blank
 
 logger = logging.getLogger("tritonembed.gateway")
 
@@ -62,7 +64,11 @@ def route_label(path: str) -> str:
 # --- models --------------------------------------------------------------------------------
 class ModelRegistry:
     """The served tritonembed models, cached for ``ttl`` seconds, addressable by Triton name,
-    ``spec.name`` or ``spec.model_id``. An unknown name triggers one refresh (at most once a second)."""
+    ``spec.name`` or ``spec.model_id``. An unknown name triggers one refresh (at most once a second).
+
+    A name that was served before but is not ready now (Triton restarting, the model loading) is
+    503 ``not_ready``, not 404: the caller should retry, not give up.
+    """
 
     MIN_REFRESH_INTERVAL = 1.0
 
@@ -71,6 +77,7 @@ class ModelRegistry:
         self._ttl = ttl
         self._models: list[ModelInfo] = []
         self._aliases: dict[str, ModelInfo] = {}
+        self._seen: set[str] = set()  # every alias ever served: absent now means "not ready", not "unknown"
         self._fetched_at = float("-inf")
         self._lock = asyncio.Lock()
 
@@ -87,7 +94,12 @@ class ModelRegistry:
                 for alias in (info.spec.model_id, info.spec.name, info.name):  # the Triton name wins
                     aliases[alias] = info
             self._models, self._aliases, self._fetched_at = models, aliases, time.monotonic()
+            self._seen.update(aliases)
             return models
+
+    def invalidate(self) -> None:
+        """Forget the cached list: the next lookup asks Triton again."""
+        self._fetched_at = float("-inf")
 
     async def list(self) -> list[ModelInfo]:
         if time.monotonic() - self._fetched_at > self._ttl:
@@ -98,7 +110,8 @@ class ModelRegistry:
         """The served model called ``name``.
 
         Raises:
-            GatewayError: MODEL_NOT_FOUND.
+            GatewayError: MODEL_NOT_FOUND; NOT_READY when the model was served before, or Triton
+                serves no ready model at all (it is starting).
             EmbeddingError: Triton cannot be asked.
         """
         await self.list()
@@ -107,6 +120,8 @@ class ModelRegistry:
             await self.refresh()
             info = self._aliases.get(name)
         if info is None:
+            if name in self._seen or not self._models:
+                raise GatewayError(ErrorKind.NOT_READY, f"the model '{name}' is not ready; retry later", param="model")
             raise GatewayError(ErrorKind.MODEL_NOT_FOUND, f"The model '{name}' does not exist", param="model")
         return info
 
@@ -120,8 +135,16 @@ def parse_request(body: bytes) -> OpenAIEmbeddingRequest:
     """
     try:
         payload = json.loads(body)
-    except ValueError as exc:
-        raise GatewayError(ErrorKind.INVALID_JSON, f"request body is not valid JSON: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise GatewayError(
+            ErrorKind.INVALID_JSON, f"request body is not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})"
+        ) from None
+    except RecursionError:
+        raise GatewayError(ErrorKind.INVALID_JSON, "request body is nested too deeply") from None
+    except UnicodeDecodeError:
+        raise GatewayError(ErrorKind.INVALID_JSON, "request body is not valid UTF-8") from None
+    except ValueError:  # the parser's own message here names Python internals (the int digit limit)
+        raise GatewayError(ErrorKind.INVALID_JSON, "request body holds a number with too many digits") from None
     if not isinstance(payload, dict):
         raise GatewayError(ErrorKind.INVALID_REQUEST, "request body must be a JSON object")
     try:
@@ -161,11 +184,22 @@ def input_rows(value: Any) -> tuple[list[str] | None, list[list[int]] | None]:
 
 
 # --- middleware --------------------------------------------------------------------------------
+class ClientGone(Exception):
+    """The client disconnected before its request body was complete."""
+
+
+# Status recorded in the metrics for a request whose client left before any answer (nginx's 499).
+CLIENT_CLOSED = 499
+
+
 class GatewayMiddleware:
-    """Outermost layer: metrics, API-key check, body-size limit, and the last-resort error handler.
+    """Outermost layer: metrics, API-key check, body-size limit, request deadline, and the
+    last-resort error handler.
 
     The body limit is enforced before the JSON is parsed: a ``Content-Length`` over the limit is
-    refused without reading, and a body without one is read only up to the limit.
+    refused without reading, and a body without one is read only up to the limit. The whole request
+    after its body has ``settings.request_deadline`` seconds, else 504 ``timeout``. A client that
+    disconnects is logged at INFO, without a traceback.
     """
 
     def __init__(self, app: ASGIApp, settings: GatewaySettings, metrics: Metrics) -> None:
@@ -188,6 +222,8 @@ class GatewayMiddleware:
                 status["started"] = True
             await send(message)
 
+        deadline = self.settings.request_deadline
+        app_started = float("inf")
         try:
             rejection = self._check_auth(scope)
             if rejection is None:
@@ -195,7 +231,23 @@ class GatewayMiddleware:
             if rejection is not None:
                 await self._reject(rejection, scope, receive, send_wrapper)
             else:
-                await self.app(scope, receive, send_wrapper)
+                app_started = time.perf_counter()
+                await asyncio.wait_for(self.app(scope, receive, send_wrapper), deadline)
+        except (ClientGone, ClientDisconnect):
+            status["code"] = CLIENT_CLOSED if not status["started"] else status["code"]
+            logger.info("client %s disconnected before its request was complete (%s %s)",
+                        _client(scope), scope.get("method"), scope.get("path"))
+        except asyncio.TimeoutError as exc:
+            if time.perf_counter() - app_started < deadline:  # not the deadline: a timeout nobody handled
+                logger.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
+                if not status["started"]:
+                    await self._reject(exc, scope, receive, send_wrapper)
+            else:
+                logger.warning("%s %s from %s exceeded the request deadline of %g s",
+                               scope.get("method"), scope.get("path"), _client(scope), deadline)
+                if not status["started"]:
+                    timeout = GatewayError(ErrorKind.TIMEOUT, f"the request did not finish within {deadline:g} s")
+                    await self._reject(timeout, scope, receive, send_wrapper)
         except Exception as exc:  # last resort: log the trace, answer the envelope
             logger.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
             if not status["started"]:
@@ -226,6 +278,11 @@ class GatewayMiddleware:
         return None
 
     async def _limit_body(self, scope: Scope, receive: Receive) -> tuple[Receive, GatewayError | None]:
+        """The body, read up to the limit and replayed to the app.
+
+        Raises:
+            ClientGone: the client disconnected before the body was complete.
+        """
         limit = self.settings.max_request_bytes
         too_large = GatewayError(ErrorKind.BODY_TOO_LARGE, f"request body exceeds the limit of {limit} bytes")
         declared = _header(scope, b"content-length")
@@ -243,7 +300,7 @@ class GatewayMiddleware:
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
-                return receive, None
+                raise ClientGone()
             body = message.get("body", b"")
             size += len(body)
             if size > limit:
@@ -260,6 +317,11 @@ class GatewayMiddleware:
             return await receive()
 
         return replay, None
+
+
+def _client(scope: Scope) -> str:
+    client = scope.get("client")
+    return f"{client[0]}:{client[1]}" if client else "?"
 
 
 def _header(scope: Scope, name: bytes) -> bytes | None:
@@ -286,7 +348,7 @@ def create_app(settings: GatewaySettings | None = None, *, client: Any = None) -
     metrics = Metrics()
     admission = InputAdmission(settings.max_pending_inputs)
     metrics.inputs_in_flight = lambda: admission.in_flight
-    decoder = TokenDecoder(settings.model_dirs)
+    decoder = TokenDecoder(settings.token_ids, settings.model_dirs)
     if not settings.auth_enabled:
         logger.warning("no API keys configured: the gateway accepts unauthenticated requests")
 
@@ -352,7 +414,7 @@ def create_app(settings: GatewaySettings | None = None, *, client: Any = None) -
     async def embedding_error(request: Request, exc: EmbeddingError) -> Response:
         return fail(exc)
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
@@ -384,26 +446,34 @@ def create_app(settings: GatewaySettings | None = None, *, client: Any = None) -
 
     async def create_embeddings(request: Request) -> Response:
         req = parse_request(await request.body())
-        rows = input_rows(req.input)
-        count = len(rows[0] if rows[0] is not None else rows[1])
+        texts, token_rows = input_rows(req.input)
+        count = len(texts if texts is not None else token_rows)
         if count > settings.max_inputs:
             raise GatewayError(
                 ErrorKind.TOO_MANY_INPUTS, f"'input' has {count} items; at most {settings.max_inputs} are allowed", "input"
             )
-        info = await request.app.state.registry.resolve(req.model)
-        texts = rows[0] if rows[0] is not None else decoder.decode(info.spec, rows[1])
-        empty = next((i for i, t in enumerate(texts) if not t), None)
-        if empty is not None:
-            raise GatewayError(ErrorKind.INVALID_REQUEST, f"input[{empty}] is empty", "input")
+        if token_rows is not None:
+            decoder.check_enabled()  # refused before Triton is asked anything
+        registry = request.app.state.registry
+        info = await registry.resolve(req.model)
+        if texts is None:
+            texts = decoder.decode(info.spec, token_rows)
+        blank = first_blank(texts)
+        if blank is not None:
+            raise GatewayError(ErrorKind.INVALID_REQUEST, f"input[{blank}] is empty", f"input[{blank}]")
         with admission.admit(len(texts)):
-            result = await request.app.state.client.embed_with_usage(
-                texts,
-                model=info.name,
-                dimensions=req.dimensions,
-                input_type=req.input_type,
-                instruction=req.instruction,
-                truncate=req.truncate,
-            )
+            try:
+                result = await request.app.state.client.embed_with_usage(
+                    texts,
+                    model=info.name,
+                    dimensions=req.dimensions,
+                    input_type=req.input_type,
+                    instruction=req.instruction,
+                    truncate=req.truncate,
+                )
+            except ModelNotFound:  # resolved a moment ago: Triton is restarting or reloading it
+                registry.invalidate()
+                raise GatewayError(ErrorKind.NOT_READY, f"the model '{req.model}' is not ready; retry later", "model") from None
         metrics.usage(info.name, len(texts), result.total_tokens)
 
         def render() -> Response:  # serializing thousands of vectors takes a while: off the event loop

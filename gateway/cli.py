@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from tritonembed.gateway.settings import GatewaySettings, SettingsError, load_api_key_file
+from tritonembed.gateway.settings import TOKEN_ID_MODES, GatewaySettings, SettingsError, load_api_key_file
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -27,11 +27,31 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--max-pending-inputs", type=int,
                         help="inputs in flight before requests get 429 overloaded (env TRITONEMBED_MAX_PENDING_INPUTS)")
     parser.add_argument("--timeout", type=float, dest="request_timeout", help="seconds per Triton request")
+    parser.add_argument("--request-deadline", type=float,
+                        help="seconds one API request may take in all, else 504 (env TRITONEMBED_REQUEST_DEADLINE, default 120)")
+    parser.add_argument("--header-timeout", type=float,
+                        help="seconds a client has to send its request headers (env TRITONEMBED_HEADER_TIMEOUT, default 10)")
+    parser.add_argument("--body-timeout", type=float,
+                        help="seconds a client has to send its request body (env TRITONEMBED_BODY_TIMEOUT, default 30)")
+    parser.add_argument("--max-connections", type=int,
+                        help="open connections before requests get 503 (env TRITONEMBED_MAX_CONNECTIONS, default 1024)")
+    add_token_ids_flag(parser)
     parser.add_argument(
-        "--model-dir", type=Path, action="append", dest="model_dirs", help="exported model dir; enables token-id input (repeatable)"
+        "--model-dir", type=Path, action="append", dest="model_dirs",
+        help="exported model dir whose tokenizer --token-ids native decodes with (repeatable)",
     )
     parser.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"))
     return parser
+
+
+def add_token_ids_flag(parser: argparse.ArgumentParser) -> None:
+    """``--token-ids`` (shared with ``tritonembed serve``); None keeps ``TRITONEMBED_TOKEN_IDS``."""
+    parser.add_argument(
+        "--token-ids", choices=TOKEN_ID_MODES,
+        help="token-id input: off (refused with a 400, the default), tiktoken:cl100k_base (decode OpenAI/LangChain "
+             "ids with tiktoken), native (decode with the model's own tokenizer, needs --model-dir) "
+             "(env TRITONEMBED_TOKEN_IDS)",
+    )
 
 
 def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
@@ -54,6 +74,11 @@ def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
         max_inputs=args.max_inputs,
         max_pending_inputs=args.max_pending_inputs,
         request_timeout=args.request_timeout,
+        request_deadline=args.request_deadline,
+        header_timeout=args.header_timeout,
+        body_timeout=args.body_timeout,
+        max_connections=args.max_connections,
+        token_ids=args.token_ids,
         model_dirs=tuple(args.model_dirs) if args.model_dirs else None,
         log_level=args.log_level,
     )

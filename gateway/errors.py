@@ -67,8 +67,16 @@ CLIENT_ERROR_KINDS: dict[type[EmbeddingError], ErrorKind] = {
     EmbeddingError: ErrorKind.INTERNAL,
 }
 
-# Client argument names -> the OpenAI request field they come from.
+# Client argument names -> the OpenAI request field they come from ("texts[3]" -> "input[3]").
 _PARAM_NAMES = {"texts": "input"}
+
+
+def request_param(param: str | None) -> str | None:
+    """The OpenAI request field for a client argument name, keeping an index (``texts[3]`` -> ``input[3]``)."""
+    if not param:
+        return param
+    head, bracket, rest = param.partition("[")
+    return _PARAM_NAMES.get(head, head) + bracket + rest
 
 # Seconds a client should wait after a 429/503 (openai-python honours Retry-After).
 RETRY_AFTER_SECONDS = 1
@@ -107,8 +115,8 @@ def describe(exc: BaseException) -> tuple[ErrorKind, str, str | None]:
     if isinstance(exc, GatewayError):
         return kind, exc.message, exc.param
     if isinstance(exc, EmbeddingError) and kind is not ErrorKind.INTERNAL:
-        param = _PARAM_NAMES.get(exc.param or "", exc.param)
-        message = exc.message.replace("texts[", "input[") if param == "input" else exc.message
+        param = request_param(exc.param)
+        message = exc.message.replace("texts[", "input[") if (param or "").startswith("input") else exc.message
         if kind is ErrorKind.BACKEND_UNAVAILABLE:
             message = "the inference server is unavailable"
         elif kind is ErrorKind.OVERLOADED:

@@ -12,6 +12,7 @@ import urllib.request
 from typing import Any
 
 from tritonembed.gateway.app import create_app
+from tritonembed.gateway.logs import install_redaction
 from tritonembed.gateway.settings import GatewaySettings
 
 logger = logging.getLogger("tritonembed.gateway")
@@ -26,15 +27,24 @@ def _uvicorn() -> Any:
 
 
 def _config(settings: GatewaySettings, app: Any) -> Any:
-    return _uvicorn().Config(
+    """uvicorn's config: h11 with read deadlines (:mod:`.protocol`), ``limit_concurrency`` as the cap
+    on open connections (uvicorn answers 503 over it), and key redaction on its loggers."""
+    uvicorn = _uvicorn()
+    from tritonembed.gateway.protocol import timed_protocol
+
+    config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
+        http=timed_protocol(settings.header_timeout, settings.body_timeout),
+        limit_concurrency=settings.max_connections,
         log_level=settings.log_level.lower(),
         proxy_headers=True,
         server_header=False,
         timeout_graceful_shutdown=10,
     )
+    install_redaction(settings.api_keys)  # after Config: it (re)configures uvicorn's loggers
+    return config
 
 
 def run_gateway(settings: GatewaySettings | None = None, **overrides: Any) -> None:

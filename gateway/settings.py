@@ -13,9 +13,15 @@ variable                           meaning                                      
 ``TRITONEMBED_MAX_INPUTS``         most inputs in one request                      2048
 ``TRITONEMBED_MAX_PENDING_INPUTS`` inputs in flight before 429 ``overloaded``      8192
 ``TRITONEMBED_REQUEST_TIMEOUT``    seconds per Triton request                      60
+``TRITONEMBED_REQUEST_DEADLINE``   seconds one API request may take in all (504)   120
+``TRITONEMBED_HEADER_TIMEOUT``     seconds to receive a request's headers          10
+``TRITONEMBED_BODY_TIMEOUT``       seconds to receive a request's body             30
+``TRITONEMBED_MAX_CONNECTIONS``    open connections before requests get 503        1024
 ``TRITONEMBED_GATEWAY_CONCURRENCY`` Triton requests in flight per API request      8
+``TRITONEMBED_TOKEN_IDS``          token-id input: ``off`` (400), ``native``,
+                                   ``tiktoken:cl100k_base``                        ``off``
 ``TRITONEMBED_MODEL_DIRS``         exported model dirs (``os.pathsep``-separated),
-                                   enables token-id input                          (none)
+                                   whose tokenizers ``native`` decodes with        (none)
 ``TRITONEMBED_MODELS_TTL``         seconds the served-model list is cached         30
 ``TRITONEMBED_LOG_LEVEL``          gateway log level                               ``info``
 =================================  ==============================================  =================
@@ -31,6 +37,8 @@ from pathlib import Path
 from typing import Any
 
 ENV_PREFIX = "TRITONEMBED_"
+# Token-id input modes (see tritonembed.gateway.tokens); the first is the default.
+TOKEN_ID_MODES: tuple[str, ...] = ("off", "tiktoken:cl100k_base", "native")
 
 
 class SettingsError(ValueError):
@@ -48,7 +56,12 @@ class GatewaySettings:
     max_inputs: int = 2048
     max_pending_inputs: int = 8192
     request_timeout: float = 60.0
+    request_deadline: float = 120.0
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
+    max_connections: int = 1024
     max_concurrency: int = 8
+    token_ids: str = TOKEN_ID_MODES[0]
     model_dirs: tuple[Path, ...] = ()
     models_ttl: float = 30.0
     log_level: str = "info"
@@ -56,7 +69,7 @@ class GatewaySettings:
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise SettingsError(f"port must be within 0..65535, got {self.port}")
-        for name in ("max_request_bytes", "max_inputs", "max_pending_inputs", "max_concurrency"):
+        for name in ("max_request_bytes", "max_inputs", "max_pending_inputs", "max_concurrency", "max_connections"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_pending_inputs < self.max_inputs:
@@ -64,6 +77,14 @@ class GatewaySettings:
                                 f"({self.max_inputs}), or a largest request could never be admitted")
         if self.request_timeout <= 0 or self.models_ttl < 0:
             raise SettingsError("request_timeout must be > 0 and models_ttl >= 0")
+        for name in ("request_deadline", "header_timeout", "body_timeout"):
+            if getattr(self, name) <= 0:
+                raise SettingsError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.token_ids not in TOKEN_ID_MODES:
+            raise SettingsError(f"token_ids must be one of {', '.join(TOKEN_ID_MODES)}; got {self.token_ids!r}")
+        if self.token_ids == "native" and not self.model_dirs:
+            raise SettingsError("token_ids=native decodes with the served model's tokenizer: give its exported "
+                                "directory with --model-dir (TRITONEMBED_MODEL_DIRS)")
         if any(not key for key in self.api_keys):
             raise SettingsError("API keys must not be empty")
 
@@ -112,6 +133,11 @@ class GatewaySettings:
             "max_inputs": number("MAX_INPUTS", int),
             "max_pending_inputs": number("MAX_PENDING_INPUTS", int),
             "request_timeout": number("REQUEST_TIMEOUT", float),
+            "request_deadline": number("REQUEST_DEADLINE", float),
+            "header_timeout": number("HEADER_TIMEOUT", float),
+            "body_timeout": number("BODY_TIMEOUT", float),
+            "max_connections": number("MAX_CONNECTIONS", int),
+            "token_ids": get("TOKEN_IDS"),
             "max_concurrency": number("GATEWAY_CONCURRENCY", int),
             "model_dirs": tuple(Path(p) for p in dirs.split(os.pathsep) if p) if dirs else None,
             "models_ttl": number("MODELS_TTL", float),

@@ -129,6 +129,9 @@ def register(sub) -> None:
     p.add_argument("--gateway-port", type=int, default=env_default("gateway_port", 8080, int))
     p.add_argument("--gateway-host", default=env_default("gateway_host", "127.0.0.1"))
     p.add_argument("--no-gateway", action="store_true", default=env_default("no_gateway", False, bool))
+    from tritonembed.gateway.cli import add_token_ids_flag
+
+    add_token_ids_flag(p)
     p.add_argument("--startup-timeout", type=float, default=env_default("startup_timeout", 300.0, float))
     p.add_argument("--max-restarts", type=int, default=env_default("max_restarts", 5, int),
                    help="restart a dead tritonserver at most this many times per --restart-window, then exit "
@@ -229,7 +232,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             from tritonembed.gateway.settings import GatewaySettings
 
             settings = GatewaySettings.from_env(triton_url=server.grpc_url, port=args.gateway_port,
-                                                host=args.gateway_host, model_dirs=tuple(exports))
+                                                host=args.gateway_host, model_dirs=tuple(exports),
+                                                token_ids=args.token_ids)
             gateway = BackgroundGateway(settings).start()
             try:
                 gateway.wait_ready(args.startup_timeout)  # /ready: Triton reachable, models ready (with a key if set)

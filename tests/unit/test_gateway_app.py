@@ -212,9 +212,14 @@ BAD_REQUESTS = [
     (b"[1, 2]", 400, "invalid_value", None),
     ({"input": "x"}, 400, "invalid_value", "model"),
     ({"model": QWEN.name}, 400, "invalid_value", "input"),
-    ({"model": QWEN.name, "input": ""}, 400, "invalid_value", "input"),
+    ({"model": QWEN.name, "input": ""}, 400, "invalid_value", "input[0]"),
     ({"model": QWEN.name, "input": []}, 400, "invalid_value", "input"),
-    ({"model": QWEN.name, "input": ["ok", ""]}, 400, "invalid_value", "input"),
+    ({"model": QWEN.name, "input": ["ok", ""]}, 400, "invalid_value", "input[1]"),
+    # one blank rule (tritonembed.text_rules): whitespace, control, format and separator characters only
+    ({"model": QWEN.name, "input": ["ok", " \t\n"]}, 400, "invalid_value", "input[1]"),
+    ({"model": QWEN.name, "input": ["ok", "ok", "\x00\x01\x7f"]}, 400, "invalid_value", "input[2]"),
+    ({"model": QWEN.name, "input": ["\u200b\u200d\ufeff"]}, 400, "invalid_value", "input[0]"),
+    ({"model": QWEN.name, "input": ["ok", "\u3000\u2028\u00a0"]}, 400, "invalid_value", "input[1]"),
     ({"model": QWEN.name, "input": ["ok", 3]}, 400, "invalid_value", "input"),
     ({"model": QWEN.name, "input": {"text": "x"}}, 400, "invalid_value", "input"),
     ({"model": QWEN.name, "input": ["x"] * 9}, 400, "too_many_inputs", "input"),
@@ -229,18 +234,29 @@ BAD_REQUESTS = [
     ({"model": QWEN.name, "input": "x", "input_type": "document", "instruction": "Find"}, 400, "invalid_value", "instruction"),
     ({"model": QWEN.name, "input": "x", "truncate": "no"}, 400, "invalid_value", "truncate"),
     ({"model": QWEN.name, "input": "x", "frobnicate": True}, 400, "invalid_value", "frobnicate"),
-    ({"model": QWEN.name, "input": "bad \udcff"}, 400, "invalid_value", "input"),
+    ({"model": QWEN.name, "input": "bad \udcff"}, 400, "invalid_value", "input[0]"),
     ({"model": "no-such-model", "input": "x"}, 404, "model_not_found", "model"),
+    # MiniLM's query template has no {instruction} slot: an instruction would be silently ignored
+    ({"model": MINILM.name, "input": "x", "instruction": "Find code"}, 400, "invalid_value", "instruction"),
+    # malformed JSON of every kind is a 400, never a 500
+    (b"[" * 100_000, 400, "invalid_json", None),
+    (b'{"model": "m", "input": ' + b"[" * 5000 + b"]" * 5000 + b"}", 400, "invalid_json", None),
+    (b'{"model": "m", "input": "x", "dimensions": ' + b"7" * 5000 + b"}", 400, "invalid_json", None),
+    (b'\xff\xfe\x00', 400, "invalid_json", None),
 ]
+
+# What no error message may mention: Python internals and client-only options.
+INTERNALS = ("sys.", "set_int_max_str_digits", "Traceback", "RecursionError", "pydantic", "force_dimensions", "File \"")
 
 
 @pytest.mark.parametrize(("body", "status", "code", "param"), BAD_REQUESTS)
 def test_bad_requests_get_the_envelope(stub, body, status, code, param):
-    with make_client(stub) as tc:
+    with make_client(stub, max_request_bytes=1 << 20) as tc:
         content = body if isinstance(body, bytes) else json.dumps(body).encode()
         r = tc.post("/v1/embeddings", content=content, headers={**AUTH, "Content-Type": "application/json"})
-        assert_envelope(r, status, code, param)
+        error = assert_envelope(r, status, code, param)
         assert r.status_code != 422
+        assert not [word for word in INTERNALS if word in error["message"]], error["message"]
         ok = tc.post("/v1/embeddings", json={"model": QWEN.name, "input": "fine"}, headers=AUTH)
         assert ok.status_code == 200
 
@@ -260,7 +276,8 @@ def test_routes_and_methods(stub):
         (ConnectionFailed("refused"), 503, "backend_unavailable"),
         (Timeout("deadline"), 504, "timeout"),
         (InvalidArgument("text has 900 tokens, more than max_length 512"), 400, "invalid_value"),
-        (ModelNotFound("Request for unknown model"), 404, "model_not_found"),
+        # the registry resolved the model, so Triton not knowing it means it is (re)loading it
+        (ModelNotFound("Request for unknown model"), 503, "not_ready"),
         (ServerError("secret internal detail"), 500, "internal_error"),
         (RuntimeError("secret bug detail"), 500, "internal_error"),
     ],
@@ -269,7 +286,7 @@ def test_client_errors_map_to_statuses(stub, error, status, code):
     with make_client(stub) as tc:
         stub.error = error
         r = tc.post("/v1/embeddings", json={"model": QWEN.name, "input": "x"}, headers=AUTH)
-        err = assert_envelope(r, status, code)
+        err = assert_envelope(r, status, code, "model" if code == "not_ready" else None)
         assert "secret" not in r.text  # internal details stay in the log
         if status in (429, 503):
             assert r.headers["retry-after"]
@@ -295,14 +312,14 @@ def test_token_id_input_decoded_with_the_model_tokenizer(stub, tmp_path):
     tok.pre_tokenizer = Whitespace()
     tok.save(str(tmp_path / "tokenizer.json"))
     ModelSpec.from_dict(MINILM.to_dict()).save(tmp_path)
-    with make_client(stub, model_dirs=(tmp_path,)) as tc:
+    with make_client(stub, model_dirs=(tmp_path,), token_ids="native") as tc:
         r = tc.post("/v1/embeddings", json={"model": MINILM.name, "input": [[1, 2], [3]]}, headers=AUTH)
         assert r.status_code == 200, r.text
         assert stub.calls[-1]["texts"] == ["hello world", "again"]
         r = tc.post("/v1/embeddings", json={"model": MINILM.name, "input": [1, 3]}, headers=AUTH)
         assert stub.calls[-1]["texts"] == ["hello again"] and len(r.json()["data"]) == 1
-        assert_envelope(tc.post("/v1/embeddings", json={"model": MINILM.name, "input": [99]}, headers=AUTH), 400, "invalid_value", "input")
-        assert_envelope(tc.post("/v1/embeddings", json={"model": MINILM.name, "input": [[]]}, headers=AUTH), 400, "invalid_value", "input")
+        assert_envelope(tc.post("/v1/embeddings", json={"model": MINILM.name, "input": [99]}, headers=AUTH), 400, "invalid_value", "input[0]")
+        assert_envelope(tc.post("/v1/embeddings", json={"model": MINILM.name, "input": [[1], []]}, headers=AUTH), 400, "invalid_value", "input[1]")
         # the other model has no tokenizer configured
         assert_envelope(tc.post("/v1/embeddings", json={"model": QWEN.name, "input": [1]}, headers=AUTH), 400, "unsupported_input", "input")
 
