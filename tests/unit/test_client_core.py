@@ -418,3 +418,75 @@ def test_retry_policy_backoff_capped_with_jitter():
         core.RetryPolicy(jitter=2)
     with pytest.raises(InvalidArgument):
         core.RetryPolicy(max_retries=-1)
+
+
+# --- issue 15: exact errors ---------------------------------------------------------------------
+def test_dimensions_hint_is_for_python_callers_only():
+    with pytest.raises(InvalidArgument) as exc:
+        core.resolve_dimensions(MINILM, 256)
+    assert "force_dimensions" in str(exc.value) and "force_dimensions" not in exc.value.message
+    assert exc.value.hint and exc.value.param == "dimensions"
+
+
+def test_instruction_needs_an_instruction_template():
+    with pytest.raises(InvalidArgument, match="takes no instruction") as exc:
+        core.resolve_instruction(MINILM, None, "x" * 1_000_000)
+    assert exc.value.param == "instruction"
+    e5 = make_spec(name="e5", query_template="query: {text}", document_template="passage: {text}",
+                   default_query_instruction="query")
+    assert core.resolve_instruction(e5, "query", None) == "query"  # the prefix template applies
+    with pytest.raises(InvalidArgument, match="input_type='query'"):
+        core.resolve_instruction(e5, None, "Find code")
+
+
+@pytest.mark.parametrize(
+    ("text", "blank"),
+    [("", True), ("   ", True), ("\t\n\r", True), ("\x00\x01\x1f\x7f", True), ("\u200b", True),
+     ("\ufeff\u200d\u2060", True), ("\u3000\u00a0\u2028\u2029", True), ("\U000e0041", True),
+     ("a", False), ("\u200ba", False), (".", False), ("\x00x", False), ("日本", False), ("🙂", False)],
+)
+def test_one_blank_rule(text, blank):
+    from tritonembed.text_rules import is_blank
+
+    assert is_blank(text) is blank
+    if blank:
+        with pytest.raises(InvalidArgument, match=r"texts\[1\] is empty") as exc:
+            core.encode_texts(["ok", text])
+        assert exc.value.param == "texts[1]"
+    else:
+        assert core.encode_texts(["ok", text])[1] == text.encode()
+
+
+def test_server_errors_name_the_callers_index():
+    info = core.parse_model_config(QWEN.name, config_for(QWEN, 16))
+    texts = [f"text number {i} " + "x" * (i % 7) for i in range(200)]
+    plan = core.plan_embed(info, texts)
+    k, j = 3, 7
+    caller = int(plan.chunks[k][j])
+    error = core.map_error(InferenceServerException(f"text {j} has 900 tokens, more than max_length 512", "400"))
+    located = plan.locate_error(k, error)
+    assert isinstance(located, InvalidArgument)
+    assert located.message == f"texts[{caller}] has 900 tokens, more than max_length 512"
+    assert located.param == f"texts[{caller}]"
+    bracketed = plan.locate_error(k, InvalidArgument(f"input[{j}] is empty"))
+    assert bracketed.message == f"texts[{caller}] is empty"
+    unrelated = InvalidArgument("batch too large")
+    assert plan.locate_error(k, unrelated) is unrelated
+
+
+def test_unavailable_without_a_queue_message_is_a_connection_failure():
+    refused = "failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:1: Connection refused"
+    assert core.classify("StatusCode.UNAVAILABLE", refused) is ConnectionFailed
+    assert core.classify("StatusCode.UNAVAILABLE", "Socket closed") is ConnectionFailed
+    assert core.classify("StatusCode.UNAVAILABLE", "") is ConnectionFailed
+    assert core.classify("503", "") is ConnectionFailed
+    assert core.classify("StatusCode.UNAVAILABLE", "Exceeds maximum queue size") is Overloaded
+
+
+def test_grpc_channel_reconnects_quickly():
+    from tritonembed.client import _transport
+
+    options = dict(_transport.grpc_channel_args())
+    assert options["grpc.max_reconnect_backoff_ms"] <= 1000
+    assert options["grpc.initial_reconnect_backoff_ms"] <= options["grpc.max_reconnect_backoff_ms"]
+    assert options["grpc.max_receive_message_length"] == 2**31 - 1  # tritonclient's default kept

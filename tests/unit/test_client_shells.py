@@ -58,6 +58,9 @@ class FakeServer:
         limit = self.configs[model]["max_batch_size"]
         if len(texts) > limit:
             raise InferenceServerException(f"inference request batch-size must be <= {limit}", "StatusCode.INVALID_ARGUMENT")
+        refused = [j for j, text in enumerate(texts) if text.startswith(b"TOO LONG")]
+        if refused:  # what the Triton tokenizer model says: numbered within this request
+            raise InferenceServerException(f"text {refused[0]} has 900 tokens, more than max_length 512", "StatusCode.INVALID_ARGUMENT")
         hidden = parse_model_config(model, self.configs[model]).spec.hidden_size
         rows = []
         for text in texts:
@@ -324,3 +327,12 @@ def test_a_failed_chunk_stops_the_rest(server, run):
     with pytest.raises(InvalidArgument):
         run({"model": SPEC.name, "max_concurrency": 2}, "embed", TEXTS[:160])  # 20 chunks
     assert server.calls.count(f"infer:{SPEC.name}") < 20
+
+
+@pytest.mark.parametrize("run", SHELLS)
+def test_server_errors_carry_the_callers_index(server, run):
+    texts = list(TEXTS[:200])
+    texts[150] = "TOO LONG " + texts[150]
+    with pytest.raises(InvalidArgument) as exc:
+        run({"model": SPEC.name, "retry": FAST}, "embed", texts)
+    assert exc.value.message.startswith("texts[150] has 900 tokens") and exc.value.param == "texts[150]"

@@ -377,3 +377,106 @@ def test_admission_releases_on_errors(stub):
 def test_pending_limit_must_admit_the_largest_request():
     with pytest.raises(SettingsError, match="max_pending_inputs"):
         GatewaySettings(max_inputs=16, max_pending_inputs=8)
+
+
+# --- token-id modes (issue 15: LangChain's default tiktoken ids gave wrong vectors with a 200) -----
+def test_token_ids_are_refused_by_default_with_the_fix_named(stub):
+    with make_client(stub) as tc:
+        for body in ([1, 2, 3], [[9906, 1917]]):
+            err = assert_envelope(
+                tc.post("/v1/embeddings", json={"model": MINILM.name, "input": body}, headers=AUTH), 400, "unsupported_input", "input"
+            )
+            assert "check_embedding_ctx_length=False" in err["message"] and "--token-ids tiktoken:cl100k_base" in err["message"]
+        assert not stub.calls  # refused before anything reaches Triton
+
+
+def test_token_ids_tiktoken_decodes_cl100k(stub):
+    from tritonembed.gateway.tokens import load_cl100k
+
+    enc = load_cl100k()
+    texts = ["hello world", "敏捷的棕色狐狸跳过了懒狗。", "  spaces and\nnewlines  "]
+    with make_client(stub, token_ids="tiktoken:cl100k_base") as tc:
+        r = tc.post("/v1/embeddings", json={"model": MINILM.name, "input": [enc.encode(t) for t in texts]}, headers=AUTH)
+        assert r.status_code == 200, r.text
+        assert stub.calls[-1]["texts"] == texts
+        r = tc.post("/v1/embeddings", json={"model": QWEN.name, "input": enc.encode("one row")}, headers=AUTH)
+        assert r.status_code == 200 and stub.calls[-1]["texts"] == ["one row"]
+        err = assert_envelope(
+            tc.post("/v1/embeddings", json={"model": MINILM.name, "input": [[1], [enc.n_vocab]]}, headers=AUTH),
+            400, "invalid_value", "input[1]",
+        )
+        assert str(enc.n_vocab) in err["message"]
+
+
+def test_token_ids_native_needs_model_dirs():
+    with pytest.raises(SettingsError, match="--model-dir"):
+        GatewaySettings(token_ids="native")
+    with pytest.raises(SettingsError, match="token_ids"):
+        GatewaySettings(token_ids="cl100k")
+    assert GatewaySettings.from_env({"TRITONEMBED_TOKEN_IDS": "tiktoken:cl100k_base"}).token_ids == "tiktoken:cl100k_base"
+    assert GatewaySettings().token_ids == "off"
+
+
+def test_serve_passes_model_dirs_but_token_ids_stay_off(tmp_path):
+    """`tritonembed serve` hands its exports to the gateway; that alone must not enable native decoding."""
+    from tritonembed.gateway.tokens import TokenDecoder
+
+    ModelSpec.from_dict(MINILM.to_dict()).save(tmp_path)
+    (tmp_path / MINILM.tokenizer_file).write_text("{}")
+    decoder = TokenDecoder(GatewaySettings(model_dirs=(tmp_path,)).token_ids, (tmp_path,))
+    assert not decoder.supports(MINILM)
+
+
+# --- Triton down or restarting --------------------------------------------------------------
+def test_a_model_served_before_and_gone_now_is_503_not_ready(stub):
+    with make_client(stub, models_ttl=0.0) as tc:
+        assert tc.post("/v1/embeddings", json={"model": MINILM.name, "input": "x"}, headers=AUTH).status_code == 200
+        served, stub.infos = stub.infos, []  # Triton restarted and is loading its models
+        r = tc.post("/v1/embeddings", json={"model": MINILM.model_id, "input": "x"}, headers=AUTH)
+        assert_envelope(r, 503, "not_ready", "model")
+        assert r.headers["retry-after"]
+        # while nothing is ready, an unknown name cannot be told apart from a loading one
+        assert_envelope(tc.post("/v1/embeddings", json={"model": "nope", "input": "x"}, headers=AUTH), 503, "not_ready", "model")
+        stub.infos = served
+        assert tc.post("/v1/embeddings", json={"model": MINILM.name, "input": "x"}, headers=AUTH).status_code == 200
+        assert_envelope(tc.post("/v1/embeddings", json={"model": "nope", "input": "x"}, headers=AUTH), 404, "model_not_found", "model")
+
+
+def test_request_deadline_is_504(stub):
+    class SlowStub(StubClient):
+        async def embed_with_usage(self, texts, *, model, **kwargs):
+            await asyncio.sleep(30)
+
+    with make_client(SlowStub(), request_deadline=0.3) as tc:
+        r = tc.post("/v1/embeddings", json={"model": MINILM.name, "input": "x"}, headers=AUTH)
+        err = assert_envelope(r, 504, "timeout")
+        assert "0.3 s" in err["message"]
+        assert tc.get("/health").status_code == 200
+
+
+def test_head_health_without_key(stub):
+    with make_client(stub) as tc:
+        r = tc.head("/health")
+        assert r.status_code == 200 and r.content == b""
+
+
+def test_dimensions_advice_fits_an_http_caller(stub):
+    with make_client(stub) as tc:
+        err = assert_envelope(
+            tc.post("/v1/embeddings", json={"model": MINILM.name, "input": "x", "dimensions": 256}, headers=AUTH),
+            400, "invalid_value", "dimensions",
+        )
+        assert f"must be {MINILM.hidden_size}" in err["message"] and "force_dimensions" not in err["message"]
+
+
+def test_readme_gateway_command_parses_and_starts(monkeypatch):
+    """`tritonembed gateway --triton-url 127.0.0.1:8001 --port 8080` (the README's line) used to crash on --log-level."""
+    import tritonembed.gateway.server as server
+    from tritonembed import cli
+
+    started = []
+    monkeypatch.setattr(server, "run_gateway", lambda settings: started.append(settings))
+    assert cli.main(["gateway", "--triton-url", "127.0.0.1:8001", "--port", "8080"]) == 0
+    assert started[0].triton_url == "127.0.0.1:8001" and started[0].port == 8080 and started[0].token_ids == "off"
+    assert cli.main(["gateway", "--triton-url", "127.0.0.1:8001", "--token-ids", "tiktoken:cl100k_base"]) == 0
+    assert started[1].token_ids == "tiktoken:cl100k_base"
