@@ -303,9 +303,9 @@ class Supervisor:
                 last_refresh = self._clock()
 
     def _reap(self, what: str, how: str, tail: str | None = None) -> Crash:
+        report = self.server.cleanup()  # first: the stubs' last words land in the log while they stop
         crash = Crash(self.server.process.pid, how, self.server.log_file,
                       self.server.log_tail() if tail is None else tail)
-        report = self.server.cleanup()
         self.crashes.append(crash)
         short = "\n".join(crash.log_tail.splitlines()[-10:])  # the full tail goes into the final error only
         log.error("tritonserver (pid %d) %s (%s); cleanup: %s; its log %s ends with:\n%s", crash.pid, what, how,
