@@ -13,8 +13,12 @@ import numpy as np
 import openai
 import pytest
 
+from tests.integration.serve_process import group_snapshot, stub_pids
 from tritonembed.errors import ServerError
 from tritonembed.launcher import PortInUseError, TritonServer, free_port
+from tritonembed.model_repository.assemble import build_repository
+from tritonembed.model_repository.configs import ServingOptions
+from tritonembed.supervisor import SHM_DIR, ProcessGroup, live_pids
 
 pytestmark = pytest.mark.integration
 
@@ -38,6 +42,23 @@ def test_a_server_that_dies_reports_its_log(tmp_path):
         server.start()
     assert "broken" in str(info.value)  # the log tail names the failing model
     assert not server.is_alive()
+
+
+def test_stop_after_a_crash_reaps_the_stubs_and_their_shm(minilm_export, tmp_path):
+    build_repository(tmp_path / "models", [minilm_export], ServingOptions(profile="cpu", intra_op_threads=1))
+    server = TritonServer(tmp_path / "models", startup_timeout=120).start()
+    try:
+        pid = server.process.pid
+        members, regions = group_snapshot(pid)
+        assert len(stub_pids(pid)) == 2 and len(regions) == 2
+        assert server.remember_shm() == regions  # what the launcher recorded while the server ran
+        os.kill(stub_pids(pid)[1], signal.SIGSTOP)  # deaf to SIGTERM, like a stub busy in a long run
+        os.kill(pid, signal.SIGKILL)
+        server.process.wait(10)
+    finally:
+        server.stop()  # the main process is gone already: stop() must still clean up after it
+    assert live_pids(members) == [] and ProcessGroup(pid).pids() == []
+    assert sorted(r for r in regions if (SHM_DIR / r).exists()) == []
 
 
 def _wait_for(proc: subprocess.Popen, needle: str, timeout: float) -> str:
