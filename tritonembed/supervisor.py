@@ -277,9 +277,9 @@ class Supervisor:
                 delay = self.policy.on_crash(self._clock())
                 if delay is None:
                     raise SupervisorGaveUp(
-                        f"tritonserver died {len(self.crashes)} time(s), {self.policy.max_restarts} restart(s) within "
-                        f"{self.policy.window_s:.0f}s allowed; giving up. Last crash (pid {crash.pid}, {crash.how}), log "
-                        f"{crash.log_file}:\n{crash.log_tail}")
+                        f"tritonserver died {len(self.crashes)} time(s), {self.policy.max_restarts} restart(s) "
+                        f"within {self.policy.window_s:.0f}s allowed; giving up. Last crash (pid {crash.pid}, "
+                        f"{crash.how}), log {crash.log_file}:\n{crash.log_tail}")
                 log.warning("restarting tritonserver in %.1fs on the same ports (restart %d within %.0fs, at most %d)",
                             delay, self.policy.recent_restarts(self._clock()), self.policy.window_s,
                             self.policy.max_restarts)

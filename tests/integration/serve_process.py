@@ -65,7 +65,8 @@ class ServeProcess:
             if self.proc.poll() is not None:
                 break
             time.sleep(0.2)
-        raise AssertionError(f"{needle!r} not printed (serve exit code {self.proc.poll()}); output:\n{self.text()[-4000:]}")
+        raise AssertionError(f"{needle!r} not printed (serve exit code {self.proc.poll()}); "
+                             f"output:\n{self.text()[-4000:]}")
 
     def triton_pid(self) -> int | None:
         """The live tritonserver child of serve, or None (between a death and the restart)."""

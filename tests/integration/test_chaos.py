@@ -109,7 +109,8 @@ class Load:
 
 def test_kill_9_tritonserver_under_load(minilm_export, tmp_path):
     spec = ModelSpec.load(minilm_export)
-    reference = dict(zip(TEXTS, family_by_name(spec.family).reference_embed(resolve_model(MINILM_ID).path, TEXTS, spec)))
+    vectors = family_by_name(spec.family).reference_embed(resolve_model(MINILM_ID).path, TEXTS, spec)
+    reference = dict(zip(TEXTS, vectors))
     with ServeProcess(minilm_export, tmp_path, extra=("--restart-backoff", "0.5")) as serve:
         serve_pid = serve.proc.pid
         with Load(serve.gateway_url, spec.name) as load:

@@ -98,7 +98,8 @@ signal.signal(signal.SIGTERM, signal.SIG_IGN)
 fd = os.open('/dev/shm/' + sys.argv[1], os.O_RDWR)
 region = mmap.mmap(fd, 4096)
 os.close(fd)
-child = subprocess.Popen([sys.executable, '-c', 'import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)'])
+deaf = 'import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)'
+child = subprocess.Popen([sys.executable, '-c', deaf])
 print('ready', child.pid, flush=True)
 time.sleep(600)
 """
@@ -113,7 +114,7 @@ def _shm_file(tag: str) -> Path:
 
 @pytest.fixture
 def deaf_group():
-    """A session leader (exits at once, like a SIGKILLed server) whose group keeps a deaf process tree."""
+    """A new session whose leader and its child ignore SIGTERM (like the stubs of a SIGKILLed server)."""
     mine = _shm_file("unit")
     other = _shm_file("unit-other")  # another server's region: must survive
     leader = subprocess.Popen([sys.executable, "-c", _DEAF, mine.name], stdout=subprocess.PIPE, text=True,
