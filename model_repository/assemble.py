@@ -83,9 +83,11 @@ def add_model(repository: Path, export_dir: Path, options: ServingOptions) -> Mo
     enc_dir.mkdir(parents=True, exist_ok=True)
     for f in onnx_files:
         link_or_copy(f, enc_dir / f.name)
-    if options.profile == "cpu":
+    if options.profile == "cpu" or options.gpu_backend == "python":
         _write(enc_dir / "model.py", SHIM.format(module="encoder_model"))
         shutil.copy2(export_dir / SPEC_FILENAME, enc_dir / SPEC_FILENAME)
+        if (export_dir / "report.json").is_file():  # the memory model reads the graph's attention form there
+            shutil.copy2(export_dir / "report.json", enc_dir / "report.json")
     log.info("added %s (%s, %s profile) to %s", spec.name, spec.precision, options.profile, repository)
     return spec
 

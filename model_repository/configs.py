@@ -5,8 +5,11 @@ Three models serve one embedding model NAME:
 - ``NAME`` — the ensemble users call (TEXT in, EMBEDDING + TOKEN_COUNT out); it publishes the spec
   as JSON in its ``parameters`` so clients read dimensions/templates from the server.
 - ``NAME_tokenizer`` — Python backend, dynamic batching, pads each request to a length bucket.
-- ``NAME_encoder`` — the ONNX model: Triton's ``onnxruntime`` backend on GPU, or ONNX Runtime inside a
-  Python-backend model on CPU (the pip-installed tritonserver has no onnxruntime backend).
+- ``NAME_encoder`` — the ONNX model through ONNX Runtime inside a Python-backend model (``encoder_model.py``)
+  on both profiles: the CPU execution provider on ``KIND_CPU``, the CUDA one on ``KIND_GPU``, with the same
+  length regrouping, memory budget (``memory_model.py``), memory guard and non-finite check. Triton's own
+  ``onnxruntime`` backend stays an explicit GPU option (``gpu_backend="onnxruntime"``): batches bounded only by
+  ``max_batch_size`` and ORT's arena cap, none of the above.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ from tritonembed.spec import (
 
 PROFILES = ("cpu", "gpu")
 SPINNING_MODES = ("always", "during_run", "never")
+GPU_BACKENDS = ("python", "onnxruntime")
+EXECUTION_PROVIDERS = ("cpu", "cuda")
 
 
 def checked_spinning(mode: str) -> str:
@@ -79,6 +84,22 @@ class ServingOptions:
     tensorrt: bool = False
     gpu_mem_limit_bytes: int | None = None
     preferred_batch_sizes: tuple[int, ...] = (8, 16, 32, 64)
+    # GPU: "python" = encoder_model.py on the CUDA execution provider (token budget, guard, NaN check);
+    # "onnxruntime" = Triton's backend, bounded only by max_batch_size and gpu_mem_limit_bytes.
+    gpu_backend: str = "python"
+    # "" = the profile's (cpu / cuda); "cpu" on the gpu profile runs the GPU encoder's code path on KIND_CPU (tests).
+    execution_provider: str = ""
+    # GPU: padded tokens per micro-batch before the memory budget bounds it further.
+    gpu_max_tokens_per_batch: int = 16384
+    # Memory the encoder may use: GiB (> 1) or a fraction of the device / host limit (<= 1); "" = what is free at
+    # start minus a margin (memory_model.granted_bytes).
+    memory_grant: str = ""
+    # Shed new work (UNAVAILABLE) at this fraction of the memory limit (memory_guard); 1.0 sheds only when full.
+    memory_threshold: float = 0.9
+    # A file whose content (bytes, or 4G / 512M) lowers the guard's limit at runtime; "" = none.
+    memory_limit_file: str = ""
+    # A higher-precision ONNX file in the encoder's folder that recomputes rows that came out non-finite.
+    fallback_onnx_file: str = ""
 
     def __post_init__(self) -> None:
         if self.profile not in PROFILES:
@@ -92,6 +113,22 @@ class ServingOptions:
             raise ValueError(f"max_tokens_per_batch must be >= 1, got {self.max_tokens_per_batch}")
         if not 0 < self.max_texts_per_request <= min(self.tokenizer_max_batch, self.encoder_max_batch):
             raise ValueError("max_texts_per_request must be > 0 and <= the tokenizer's and encoder's max batch")
+        if self.gpu_backend not in GPU_BACKENDS:
+            raise ValueError(f"gpu_backend must be one of {GPU_BACKENDS}, got {self.gpu_backend!r}")
+        if self.execution_provider and self.execution_provider not in EXECUTION_PROVIDERS:
+            raise ValueError(f"execution_provider must be one of {EXECUTION_PROVIDERS}, got {self.execution_provider!r}")
+        if self.profile == "cpu" and self.execution_provider == "cuda":
+            raise ValueError("the cpu profile runs the CPU execution provider; use profile='gpu' for cuda")
+        if not 0 < self.memory_threshold <= 1:
+            raise ValueError(f"memory_threshold must be in (0, 1], got {self.memory_threshold}")
+        from tritonembed.model_repository.memory_model import parse_grant
+
+        parse_grant(self.memory_grant)  # MemoryBudgetError (a ValueError) for a bad value
+
+    @property
+    def provider(self) -> str:
+        """The encoder's ONNX Runtime execution provider: ``cpu`` or ``cuda``."""
+        return self.execution_provider or ("cuda" if self.profile == "gpu" else "cpu")
 
 
 def pbtxt_string(value: str) -> str:
@@ -128,6 +165,21 @@ def queue_block(options: ServingOptions, *, delay_us: int, preferred: bool) -> s
     if options.max_queue_size:
         policy = f"  default_queue_policy {{\n    timeout_action: REJECT\n    max_queue_size: {options.max_queue_size}\n  }}\n"
     return "dynamic_batching {\n" + pref + f"  max_queue_delay_microseconds: {delay_us}\n" + policy + "}"
+
+
+def python_encoder_parameters(options: ServingOptions) -> dict[str, str]:
+    """The parameters ``encoder_model.py`` reads (names and defaults owned by ServingOptions)."""
+    gpu = options.profile == "gpu"
+    return {"execution_provider": options.provider,
+            "intra_op_threads": str(options.intra_op_threads),
+            "intra_op_spinning": options.intra_op_spinning,
+            "max_tokens_per_batch": str(options.gpu_max_tokens_per_batch if gpu else options.max_tokens_per_batch),
+            # one session per GPU: micro-batches side by side only pay on a small CPU
+            "microbatch_workers": str(1 if gpu else options.microbatch_workers),
+            "memory_grant": options.memory_grant,
+            "memory_threshold": str(options.memory_threshold),
+            "memory_limit_file": options.memory_limit_file,
+            "fallback_onnx_file": options.fallback_onnx_file}
 
 
 def tokenizer_outputs() -> tuple[TensorSpec, ...]:
@@ -179,7 +231,8 @@ instance_group [ {{ count: {options.tokenizer_instances} kind: KIND_CPU }} ]
 
 def encoder_config(spec: ModelSpec, options: ServingOptions) -> str:
     outputs = tensor_block("output", spec.encoder_outputs)
-    if options.profile == "cpu":
+    if options.profile == "cpu" or options.gpu_backend == "python":
+        cuda = options.provider == "cuda"
         # allow_ragged_batch: requests of different padded lengths share one execute(); the model
         # regroups rows by length itself.
         return f"""name: {pbtxt_string(spec.encoder_model_name)}
@@ -188,16 +241,17 @@ max_batch_size: {options.encoder_max_batch}
 {tensor_block("input", encoder_inputs(), ragged=True)}
 {outputs}
 {queue_block(options, delay_us=options.encoder_queue_delay_us, preferred=False)}
-instance_group [ {{ count: {options.encoder_instances} kind: KIND_CPU }} ]
-{parameters_block({"intra_op_threads": str(options.intra_op_threads),
-                   "intra_op_spinning": options.intra_op_spinning,
-                   "max_tokens_per_batch": str(options.max_tokens_per_batch),
-                   "microbatch_workers": str(options.microbatch_workers)})}
+instance_group [ {{ count: {options.encoder_instances} kind: {"KIND_GPU" if cuda else "KIND_CPU"} }} ]
+{parameters_block(python_encoder_parameters(options))}
 """
     params = {"enable_mem_arena": "1", "memory.enable_memory_arena_shrinkage": "gpu:0",
               "arena_extend_strategy": "1"}
-    if options.gpu_mem_limit_bytes:
-        params["gpu_mem_limit"] = str(options.gpu_mem_limit_bytes)
+    from tritonembed.model_repository.memory_model import parse_grant
+
+    grant = parse_grant(options.memory_grant)
+    limit = options.gpu_mem_limit_bytes or (int(grant[1]) if grant and grant[0] == "bytes" else None)
+    if limit:  # ORT's arena cap: a batch over it fails with an allocation error instead of being split
+        params["gpu_mem_limit"] = str(limit)
     accel = ""
     if options.tensorrt:
         trt_precision = "FP16" if spec.precision in ("fp16", "int4", "int8") else "FP32"

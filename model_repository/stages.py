@@ -104,22 +104,34 @@ def tokenize_requests(
     return results  # type: ignore[return-value]
 
 
-# --- encoder side (CPU profile) ---------------------------------------------------------------
+# --- encoder side (CPU and GPU profiles) ------------------------------------------------------
 
 # A row shorter than this fraction of its micro-batch's longest row starts a new micro-batch. Measured on
 # the mixed STS-B + passages workload (docs/benchmarks.md, planner study): padding waste 74-79 % with a
 # token budget alone, 5-13 % with 0.7, and 3-6x ONNX Runtime throughput on the same session.
 DEFAULT_MIN_FILL = 0.7
 
+#: ``fits(rows, length)``: whether a padded micro-batch of that size stays in the memory budget.
+Fits = Callable[[int, int], bool]
+
+
+class EncoderRowError(InputError):
+    """One input of a request cannot be encoded (too long for the memory budget, or a non-finite vector):
+    retrying the same input gives the same answer, so it is reported as INVALID_ARG."""
+
+
 def plan_microbatches(
-    lengths: Sequence[int], max_tokens: int, max_rows: int, min_fill: float = DEFAULT_MIN_FILL
+    lengths: Sequence[int], max_tokens: int, max_rows: int, min_fill: float = DEFAULT_MIN_FILL,
+    fits: Fits | None = None,
 ) -> list[list[int]]:
     """Group row indices into micro-batches of similar length.
 
     Rows are sorted longest first and packed greedily. A micro-batch is closed when adding the next row
-    would exceed ``max_tokens`` padded tokens or ``max_rows`` rows, or when the next row is shorter than
-    ``min_fill`` x the micro-batch's longest row (so no row carries more than ``1 - min_fill`` padding).
-    A row longer than ``max_tokens`` runs alone. Every index appears in exactly one micro-batch.
+    would exceed ``max_tokens`` padded tokens or ``max_rows`` rows, when ``fits`` (the memory budget, see
+    :class:`~tritonembed.model_repository.memory_model.TokenBudget`) says the larger micro-batch would not
+    fit, or when the next row is shorter than ``min_fill`` x the micro-batch's longest row (so no row
+    carries more than ``1 - min_fill`` padding). A row longer than ``max_tokens`` runs alone (the caller
+    refuses rows that do not fit even alone). Every index appears in exactly one micro-batch.
     """
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     batches: list[list[int]] = []
@@ -128,7 +140,8 @@ def plan_microbatches(
         if current:
             longest = lengths[current[0]]
             if ((len(current) + 1) * longest > max_tokens or len(current) >= max_rows
-                    or lengths[i] < min_fill * longest):
+                    or lengths[i] < min_fill * longest
+                    or (fits is not None and not fits(len(current) + 1, longest))):
                 batches.append(current)
                 current = []
         current.append(i)
@@ -144,18 +157,33 @@ POOL_MIN_BATCHES = 4
 
 @dataclass
 class EncodeStats:
-    """Counters of one encoder execute(): rows, real and padded tokens, micro-batches run."""
+    """Counters of one encoder execute(): rows, real and padded tokens, micro-batches run, rows refused."""
 
     rows: int = 0
     real_tokens: int = 0
     padded_tokens: int = 0
     batches: int = 0
     batch_rows: list[int] = field(default_factory=list)
+    too_long_rows: int = 0
+    nonfinite_rows: int = 0
+    recomputed_rows: int = 0
 
 
 def unpad_rows(input_ids: np.ndarray, attention_mask: np.ndarray) -> list[np.ndarray]:
     """The real tokens of each row (padding may be on either side)."""
     return [row[mask.astype(bool)] for row, mask in zip(input_ids, attention_mask)]
+
+
+def bad_rows(embeddings: np.ndarray, normalized: bool) -> np.ndarray:
+    """Indices of rows that are not a usable vector: any NaN/Inf, or (``normalized``) a norm far from 1 -- an
+    fp16 overflow inside the final L2 norm yields zeros, not NaN."""
+    emb = np.asarray(embeddings, dtype=np.float32)
+    bad = ~np.isfinite(emb).all(axis=1)
+    if normalized:
+        with np.errstate(over="ignore", invalid="ignore"):
+            norms = np.linalg.norm(np.where(np.isfinite(emb), emb, 0.0), axis=1)
+        bad |= np.abs(norms - 1.0) > 0.01
+    return np.flatnonzero(bad)
 
 
 def encode_requests(
@@ -168,12 +196,21 @@ def encode_requests(
     max_rows: int,
     min_fill: float = DEFAULT_MIN_FILL,
     run_batches: Callable[[Sequence[tuple[np.ndarray, np.ndarray]]], list[np.ndarray]] | None = None,
-) -> tuple[list[np.ndarray], EncodeStats]:
+    fits: Fits | None = None,
+    longest_text: int | None = None,
+    normalized: bool = False,
+    fallback: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
+) -> tuple[list[np.ndarray | EncoderRowError], EncodeStats]:
     """Run the encoder over all rows of all requests, regrouped by length; results in request order.
 
     ``run`` encodes one micro-batch. ``run_batches``, when given, encodes a list of them at once (see
     :class:`~tritonembed.model_repository.microbatch_pool.MicroBatchPool`) and is used when the plan has at
-    least :data:`POOL_MIN_BATCHES` micro-batches.
+    least :data:`POOL_MIN_BATCHES` micro-batches. ``fits`` bounds each micro-batch by the memory budget;
+    a row that does not fit alone (longer than ``longest_text``, reported in the message) is not run and
+    its request gets an :class:`EncoderRowError` in its slot. Every output row is checked
+    (:func:`bad_rows`): a bad row is recomputed alone with ``fallback`` (a higher-precision session) when
+    given, else its request gets an :class:`EncoderRowError` naming the input index. Other requests are
+    unaffected. Exceptions of ``run`` propagate.
     """
     rows: list[np.ndarray] = []
     owners: list[tuple[int, int]] = []
@@ -182,8 +219,22 @@ def encode_requests(
             rows.append(tokens)
             owners.append((r, i))
     outputs: list[np.ndarray | None] = [None] * len(rows)
+    errors: dict[int, EncoderRowError] = {}
     stats = EncodeStats(rows=len(rows), real_tokens=int(sum(len(t) for t in rows)))
-    plan = plan_microbatches([len(t) for t in rows], max_tokens, max_rows, min_fill)
+    runnable = list(range(len(rows)))
+    if fits is not None:
+        too_long = [k for k in runnable if not fits(1, len(rows[k]))]
+        for k in too_long:
+            r, i = owners[k]
+            limit = f"at most {longest_text} tokens" if longest_text is not None else "fewer tokens"
+            errors.setdefault(r, EncoderRowError(
+                f"input {i} has {len(rows[k])} tokens; the encoder's memory budget fits {limit} in one text "
+                "(grant more memory, e.g. --gpu-memory, or send a shorter text)"))
+        stats.too_long_rows = len(too_long)
+        skip = set(too_long) | {k for k, (r, _) in enumerate(owners) if r in errors}
+        runnable = [k for k in runnable if k not in skip]
+    sub_plan = plan_microbatches([len(rows[k]) for k in runnable], max_tokens, max_rows, min_fill, fits)
+    plan = [[runnable[j] for j in batch] for batch in sub_plan]
 
     def padded(batch: list[int]) -> tuple[np.ndarray, np.ndarray]:
         return pad_batch([rows[i] for i in batch], pad_id, padding_side)
@@ -197,15 +248,32 @@ def encode_requests(
         stats.padded_tokens += len(batch) * max(len(rows[i]) for i in batch)
         stats.batches += 1
         stats.batch_rows.append(len(batch))
+        for j in bad_rows(emb, normalized):
+            k = batch[j]
+            stats.nonfinite_rows += 1
+            if fallback is not None:  # alone, so a second overflow cannot be blamed on another row
+                again = np.asarray(fallback(*pad_batch([rows[k]], pad_id, padding_side)), dtype=np.float32)
+                if not len(bad_rows(again, normalized)):
+                    emb = np.array(emb, dtype=np.float32)  # a session's output may be read-only
+                    emb[j] = again[0]
+                    stats.recomputed_rows += 1
+                    continue
+            r, i = owners[k]
+            errors.setdefault(r, EncoderRowError(
+                f"input {i} produced a non-finite embedding (numeric overflow in {'the fallback and ' if fallback else ''}"
+                "the model's precision, e.g. fp16); it was not returned"))
         for j, i in enumerate(batch):
             outputs[i] = emb[j]
     per_request: list[list[np.ndarray]] = [[] for _ in requests]
     for (r, _), out in zip(owners, outputs):
-        per_request[r].append(out)
+        if r not in errors:
+            per_request[r].append(out)  # type: ignore[arg-type]
     hidden = None
-    result = []
+    result: list[np.ndarray | EncoderRowError] = []
     for r, parts in enumerate(per_request):
-        if parts:
+        if r in errors:
+            result.append(errors[r])
+        elif parts:
             hidden = parts[0].shape[-1]
             result.append(np.stack(parts).astype(np.float32, copy=False))
         else:

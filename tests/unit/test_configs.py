@@ -40,6 +40,7 @@ def spec() -> ModelSpec:
 @pytest.mark.parametrize("profile", ["cpu", "gpu"])
 def test_configs_agree_with_the_spec(spec, profile):
     options = ServingOptions(profile=profile, encoder_max_batch=64 if profile == "gpu" else 256)
+    assert options.gpu_backend == "python"  # the default: one planner for both profiles
     ens, tok, enc = parse(ensemble_config(spec, options)), parse(tokenizer_config(spec, options)), parse(encoder_config(spec, options))
     assert ens.platform == "ensemble" and ens.name == spec.name
     assert io(ens.input) == spec_io(ensemble_inputs())
@@ -90,16 +91,45 @@ def test_cpu_encoder_is_a_ragged_python_model(spec):
         ServingOptions(intra_op_spinning="sometimes")
 
 
-def test_gpu_encoder_uses_onnxruntime_with_warmup_and_optional_tensorrt(spec):
-    enc = parse(encoder_config(spec, ServingOptions(profile="gpu", encoder_max_batch=64)))
+def test_gpu_encoder_is_the_python_model_on_cuda_with_a_memory_budget(spec):
+    enc = parse(encoder_config(spec, ServingOptions(profile="gpu", encoder_max_batch=64, memory_grant="20",
+                                                    memory_threshold=0.8, memory_limit_file="/run/limit")))
+    assert enc.backend == "python" and all(i.allow_ragged_batch for i in enc.input)
+    assert enc.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
+    params = {k: v.string_value for k, v in enc.parameters.items()}
+    assert params["execution_provider"] == "cuda" and params["microbatch_workers"] == "1"
+    assert params["max_tokens_per_batch"] == str(ServingOptions.gpu_max_tokens_per_batch)
+    assert params["memory_grant"] == "20" and params["memory_threshold"] == "0.8"
+    assert params["memory_limit_file"] == "/run/limit"
+    # the same code path on the CPU execution provider (what tests can run without a GPU)
+    on_cpu = parse(encoder_config(spec, ServingOptions(profile="gpu", encoder_max_batch=64, execution_provider="cpu")))
+    assert on_cpu.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_CPU
+    assert on_cpu.parameters["execution_provider"].string_value == "cpu"
+    assert on_cpu.parameters["microbatch_workers"].string_value == "1"
+
+
+def test_serving_options_check_the_gpu_knobs():
+    for bad in ({"gpu_backend": "tensorrt-llm"}, {"execution_provider": "rocm"}, {"memory_threshold": 0},
+                {"memory_threshold": 1.5}, {"memory_grant": "lots"}, {"memory_grant": "-2"},
+                {"profile": "cpu", "execution_provider": "cuda"}):
+        with pytest.raises(ValueError):
+            ServingOptions(**bad)
+    assert ServingOptions(profile="gpu").provider == "cuda" and ServingOptions().provider == "cpu"
+
+
+def test_gpu_onnxruntime_backend_option_keeps_warmup_tensorrt_and_an_arena_cap(spec):
+    enc = parse(encoder_config(spec, ServingOptions(profile="gpu", encoder_max_batch=64, gpu_backend="onnxruntime")))
     assert enc.backend == "onnxruntime" and enc.default_model_filename == "model.onnx"
     assert enc.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
     assert list(enc.dynamic_batching.preferred_batch_size) == [8, 16, 32, 64]
     assert [w.batch_size for w in enc.model_warmup] == [1, 32]
     assert not enc.optimization.execution_accelerators.gpu_execution_accelerator
-    trt = parse(encoder_config(spec, ServingOptions(profile="gpu", encoder_max_batch=64, tensorrt=True)))
+    assert "gpu_mem_limit" not in enc.parameters
+    trt = parse(encoder_config(spec, ServingOptions(profile="gpu", encoder_max_batch=64, tensorrt=True,
+                                                    gpu_backend="onnxruntime", memory_grant="2")))
     [accel] = trt.optimization.execution_accelerators.gpu_execution_accelerator
     assert accel.name == "tensorrt" and accel.parameters["precision_mode"] == "FP32"
+    assert trt.parameters["gpu_mem_limit"].string_value == str(2 * 1024**3)
 
 
 def test_pbtxt_string_escapes_templates():

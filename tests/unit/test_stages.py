@@ -7,7 +7,9 @@ import pytest
 
 from tritonembed.errors import InputError
 from tritonembed.model_repository.stages import (
+    EncoderRowError,
     TokenizeRequest,
+    bad_rows,
     encode_requests,
     plan_microbatches,
     tokenize_requests,
@@ -126,3 +128,64 @@ def test_tokenize_requests_isolates_bad_requests(minilm_tokenizer):
 def test_tokenize_requests_without_buckets_pads_to_longest(minilm_tokenizer):
     [result] = tokenize_requests(minilm_tokenizer, [TokenizeRequest([b"hello world"])], pad_to_buckets=False)
     assert result.input_ids.shape == (1, 4)
+
+
+# --- encoder side: memory budget and non-finite rows -----------------------------------------
+
+def _first_token(ids, mask):  # an "encoder" whose unit-norm output encodes the first real token of each row
+    first = np.array([row[m.astype(bool)][0] for row, m in zip(ids, mask)], dtype=np.float32)
+    return np.stack([np.cos(first), np.sin(first)], axis=1)
+
+
+def test_plan_microbatches_splits_what_the_memory_budget_does_not_fit():
+    lengths = [100] * 8
+    fits = lambda rows, length: rows * length * length <= 2 * 100 * 100  # noqa: E731 - quadratic, two rows
+    batches = plan_microbatches(lengths, max_tokens=10_000, max_rows=64, fits=fits)
+    assert sorted(i for b in batches for i in b) == list(range(8))
+    assert [len(b) for b in batches] == [2, 2, 2, 2]
+
+
+def test_encode_requests_refuses_a_text_too_long_for_the_budget_and_serves_the_others():
+    fits = lambda rows, length: rows * length <= 6  # noqa: E731
+    too_long = pad_batch([[1, 2, 3], [4, 5, 6, 7, 8, 9, 10]], 0, "left")
+    fine = pad_batch([[11, 12], [13, 14], [15, 16, 17]], 0, "left")
+    calls = []
+
+    def run(ids, mask):
+        calls.append(ids.shape)
+        return _first_token(ids, mask)
+
+    outputs, stats = encode_requests(run, [too_long, fine], pad_id=0, padding_side="left", max_tokens=100,
+                                     max_rows=8, fits=fits, longest_text=6)
+    assert isinstance(outputs[0], EncoderRowError)
+    assert "input 1 has 7 tokens" in str(outputs[0]) and "at most 6 tokens" in str(outputs[0])
+    np.testing.assert_allclose(outputs[1], _first_token(*pad_batch([[11], [13], [15]], 0, "left")))
+    assert stats.too_long_rows == 1
+    assert all(rows * length <= 6 for rows, length in calls)  # every run stayed in the budget
+    assert sum(rows for rows, _ in calls) == 3  # the refused request's other row was not run either
+
+
+def test_a_nonfinite_row_fails_only_its_request_or_is_recomputed_by_the_fallback():
+    def overflowing(ids, mask):  # token 99 overflows, like an fp16 graph on an unlucky input
+        out = _first_token(ids, mask)
+        out[(ids == 99).any(axis=1)] = np.nan
+        return out
+
+    bad = pad_batch([[1, 2], [99, 3]], 0, "left")
+    good = pad_batch([[5, 6], [7]], 0, "left")
+    outputs, stats = encode_requests(overflowing, [bad, good], pad_id=0, padding_side="left", max_tokens=64,
+                                     max_rows=8, normalized=True)
+    assert isinstance(outputs[0], EncoderRowError) and "input 1 produced a non-finite embedding" in str(outputs[0])
+    assert np.isfinite(outputs[1]).all() and outputs[1].shape == (2, 2)
+    assert stats.nonfinite_rows == 1
+
+    outputs, stats = encode_requests(overflowing, [bad, good], pad_id=0, padding_side="left", max_tokens=64,
+                                     max_rows=8, normalized=True, fallback=_first_token)
+    np.testing.assert_allclose(outputs[0], _first_token(*pad_batch([[1], [99]], 0, "left")), rtol=1e-6)
+    assert stats.recomputed_rows == 1
+
+
+def test_bad_rows_catches_the_zero_vector_of_an_overflowed_norm():
+    emb = np.array([[0.6, 0.8], [0.0, 0.0], [np.inf, 0.0], [1.0, 0.0]], dtype=np.float32)
+    assert bad_rows(emb, normalized=True).tolist() == [1, 2]
+    assert bad_rows(emb, normalized=False).tolist() == [2]
