@@ -46,7 +46,7 @@ step "upgrading pip" $VENV/bin/python -m pip install -q --upgrade pip
 # torch==2.13.0 is the CPU build; never let the resolver pick a CUDA build.
 step "installing PyTorch 2.13.0 (CPU build)" $VENV/bin/python -m pip install -q -c constraints.txt torch==2.13.0
 step "installing tritonembed and its dependencies (pinned by constraints.txt)" \
-  $VENV/bin/python -m pip install -q -c constraints.txt -e ".[export,serve,client,gateway,test,bench]"
+  $VENV/bin/python -m pip install -q -c constraints.txt -e ".[export,serve,client,gateway,test,bench,bulk]"
 
 # perf_analyzer: the tritonclient 2.50.0 wheel ships a binary that runs on glibc 2.34+ (newer ones need
 # 2.38). Only the binary is unpacked, beside (not instead of) the tritonclient library we use.
