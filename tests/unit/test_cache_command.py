@@ -49,7 +49,8 @@ def _dead_pid() -> int:
 def test_scan_tells_current_from_stale_incomplete_and_leftover(exports: Path) -> None:
     _export(exports, "a-current-revision", revision=EXPORT_REVISION)
     _export(exports, "b-stale-revision", revision=EXPORT_REVISION - 1)
-    _export(exports, "c-current-report", report={"graph": {"static_shapes": {"off": True}}})
+    # revision 4 wrote graph.static_shapes but no export_revision: recognised as 4, older than today's
+    _export(exports, "c-revision4-report", report={"graph": {"static_shapes": {"off": True}}})
     _export(exports, "d-stale-report", report={"validation": {}})  # before revision 4: no graph section
     _export(exports, "e-incomplete", spec=False)
     _export(exports, f".f.tmp-{_dead_pid()}", spec=False)
@@ -63,7 +64,7 @@ def test_scan_tells_current_from_stale_incomplete_and_leftover(exports: Path) ->
     (exports / "m-link").symlink_to(_export(exports.parent, "elsewhere", revision=EXPORT_REVISION - 1))
     status = {e.path.name: e.status for e in scan(exports)}
     dead = {n for n in status if n.startswith((".f.", ".h."))}
-    assert status == {"a-current-revision": "current", "b-stale-revision": "stale", "c-current-report": "current",
+    assert status == {"a-current-revision": "current", "b-stale-revision": "stale", "c-revision4-report": "stale",
                       "d-stale-report": "stale", "e-incomplete": "incomplete", **{n: "leftover" for n in dead},
                       f".g.tmp-{os.getpid()}": "in progress", "i.tmp-huge": "incomplete",
                       ".j.tmp-99999999999999999999": "leftover", ".k.tmp-0": "leftover",
