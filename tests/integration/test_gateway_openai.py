@@ -23,6 +23,8 @@ KEY = "sk-integration-test"
 MAX_INPUTS = 64
 MAX_BODY = 1 << 20
 TOL = 1e-5
+# What no answer may mention: Python internals and client-only options.
+INTERNALS = ("Traceback", "sys.", "set_int_max_str_digits", "RecursionError", "pydantic", "force_dimensions", "File \"")
 FOUR = ["The quick brown fox.", "敏捷的棕色狐狸跳过了懒狗。", "How are you today?", "Embeddings " * 30]
 
 
@@ -35,6 +37,7 @@ def gateway(triton):
         max_inputs=MAX_INPUTS,
         max_request_bytes=MAX_BODY,
         model_dirs=(triton.export_dirs["qwen"], triton.export_dirs["minilm"]),
+        token_ids="native",
         log_level="warning",
     )
     with BackgroundGateway(settings) as gw:
@@ -149,11 +152,23 @@ def test_token_id_input(triton, oai, full):
 
 
 def _bad_requests(triton) -> list[tuple[str, dict]]:
-    """(name, request kwargs for httpx, expected status, code) for every documented error."""
+    """(name, request kwargs for httpx, expected status, code[, param]) for every documented error."""
     qwen, minilm = triton.specs["qwen"], triton.specs["minilm"]
     q = qwen.name
     long_text = "token " * (qwen.max_length + 50)
+    many = [f"text {i}" for i in range(MAX_INPUTS)]
+    long_at_50 = many[:50] + [long_text] + many[51:]
+    blank_at_40 = many[:40] + ["\u200b"] + many[41:]
     return [
+        # issue 15: the caller's index (in message and param), whatever chunk the server saw it in
+        ("too long at 50 of 64, truncate off", {"json": {"model": q, "input": long_at_50, "truncate": False}}, 400, "invalid_value", "input[50]"),
+        ("zero-width only at 40 of 64", {"json": {"model": q, "input": blank_at_40}}, 400, "invalid_value", "input[40]"),
+        ("control characters only", {"json": {"model": q, "input": ["ok", "\x00\x01\x02"]}}, 400, "invalid_value", "input[1]"),
+        ("separators only", {"json": {"model": q, "input": ["\u3000\u2028\u00a0"]}}, 400, "invalid_value", "input[0]"),
+        ("instruction on a model without one", {"json": {"model": minilm.name, "input": "x", "instruction": "I" * 100_000}}, 400, "invalid_value", "instruction"),
+        ("100k-deep JSON", {"content": b"[" * 100_000}, 400, "invalid_json"),
+        ("5,000-digit integer", {"content": b'{"model": "%s", "input": "x", "dimensions": %s}' % (q.encode(), b"9" * 5000)}, 400, "invalid_json"),
+        ("not UTF-8", {"content": b'{"model": "\xff\xfe"}'}, 400, "invalid_json"),
         ("invalid json", {"content": b'{"model": '}, 400, "invalid_json"),
         ("not an object", {"json": ["x"]}, 400, "invalid_value"),
         ("missing model", {"json": {"input": "x"}}, 400, "invalid_value"),
@@ -192,7 +207,7 @@ def test_bad_requests_get_documented_status_and_envelope(triton, http):
     assert len(cases) >= 20
     good = {"model": triton.specs["qwen"].name, "input": ["a valid request"]}
     failures = []
-    for name, kwargs, status, code in cases:
+    for name, kwargs, status, code, *param in cases:
         kwargs = dict(kwargs)
         method, url = kwargs.pop("method", "POST"), kwargs.pop("url", "/v1/embeddings")
         if "content" in kwargs:
@@ -207,7 +222,9 @@ def test_bad_requests_get_documented_status_and_envelope(triton, http):
                 and set(error) == {"message", "type", "param", "code"}
                 and error["code"] == code
                 and error["message"]
-                and "Traceback" not in response.text
+                and (not param or error["param"] == param[0])
+                and (not param or not param[0].startswith("input[") or param[0] in error["message"])
+                and not [word for word in INTERNALS if word in response.text]
             )
         except (ValueError, KeyError, TypeError):
             ok = False
@@ -248,6 +265,8 @@ def test_health_ready_metrics(triton, gateway, http):
     assert httpx.get(f"{gateway.url}/health").json() == {"status": "ok"}  # no key
     ready = http.get("/ready")
     assert ready.status_code == 200 and sorted(ready.json()["models"]) == sorted(s.name for s in triton.specs.values())
+
+    assert httpx.head(f"{gateway.url}/health").status_code == 200
 
     def tokens() -> int:
         text = http.get("/metrics").text
