@@ -182,8 +182,9 @@ class TritonServer:
         self.starts += 1
         with open(self.log_file, "wb") as out:
             # Which start wrote this log, so a kept crash log can be told from the logs of other starts.
-            out.write(f"== tritonembed: tritonserver start #{self.starts} at {time.strftime('%Y-%m-%d %H:%M:%S %z')}, "
-                      f"http port {self.http_port} ==\n".encode())
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S %z")
+            out.write(f"== tritonembed: tritonserver start #{self.starts} at {stamp}, http port {self.http_port} ==\n"
+                      .encode())
             out.flush()
             self.process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=self.environment(),
                                             start_new_session=True)
@@ -191,8 +192,8 @@ class TritonServer:
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
+                self.cleanup()  # first: what its stubs write while they stop belongs to the tail
                 tail = self.log_tail()
-                self.cleanup()
                 raise ServerError(f"tritonserver exited with code {self.process.returncode} during startup "
                                   f"(log {self.log_file}):\n{tail}")
             if self.is_ready():
