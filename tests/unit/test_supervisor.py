@@ -256,3 +256,25 @@ def test_supervisor_run_is_interrupted_by_a_signal_handler_that_raises():
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+
+
+# -- serve's flags --------------------------------------------------------------------------------------------
+
+def test_serve_restart_flags_default_and_read_the_environment(monkeypatch):
+    from tritonembed.cli import build_parser
+
+    args = build_parser().parse_args(["serve"])
+    assert (args.max_restarts, args.restart_window, args.restart_backoff, args.keep_logs) == (5, 60.0, 1.0, 5)
+    for name, value in (("MAX_RESTARTS", "2"), ("RESTART_WINDOW", "30"), ("RESTART_BACKOFF", "0.5"), ("KEEP_LOGS", "9")):
+        monkeypatch.setenv(f"TRITONEMBED_{name}", value)
+    args = build_parser().parse_args(["serve"])
+    assert (args.max_restarts, args.restart_window, args.restart_backoff, args.keep_logs) == (2, 30.0, 0.5, 9)
+    assert build_parser().parse_args(["serve", "--max-restarts", "0"]).max_restarts == 0
+
+
+def test_serve_refuses_an_invalid_restart_policy_before_starting_anything(capsys):
+    from tritonembed.cli import main
+
+    assert main(["serve", "--restart-window", "0", "--http-port", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "invalid restart policy" in err and "--restart-window" in err
