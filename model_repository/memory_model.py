@@ -107,18 +107,31 @@ class TokenBudget:
 
 
 def parse_grant(value: str | float | None) -> tuple[str, float] | None:
-    """``--gpu-memory``'s value: ``("fraction", f)`` for 0 < f <= 1, ``("bytes", n)`` for more (GiB), None if empty.
+    """``--gpu-memory``'s value: ``("fraction", f)`` for a bare 0 < f <= 1, ``("bytes", n)`` for a bare number above
+    1 (GiB) or a size with a unit (``512M``, ``20GiB``, ``123456B``); None when empty.
 
     Raises:
-        MemoryBudgetError: not a positive number.
+        MemoryBudgetError: not a positive number or size.
     """
     if value is None or str(value).strip() == "":
         return None
-    text = str(value).strip().lower().removesuffix("gib").removesuffix("g").strip()
+    text = str(value).strip()
+    if text[-1:].isalpha():
+        from tritonembed.model_repository.memory_guard import parse_size
+
+        try:
+            size = parse_size(text[:-1] if text[-1] in "bB" and not text[-2:-1].isalpha() else text)
+        except ValueError as exc:
+            raise MemoryBudgetError(f"memory grant must be GiB (e.g. 20), a size (e.g. 512M) or a fraction of "
+                                    f"the device (e.g. 0.8), got {value!r}") from exc
+        if not size:
+            raise MemoryBudgetError(f"memory grant must be > 0, got {value!r}")
+        return ("bytes", float(size))
     try:
         number = float(text)
     except ValueError as exc:
-        raise MemoryBudgetError(f"memory grant must be GiB (e.g. 20) or a fraction of the device (e.g. 0.8), got {value!r}") from exc
+        raise MemoryBudgetError(f"memory grant must be GiB (e.g. 20), a size (e.g. 512M) or a fraction of the "
+                                f"device (e.g. 0.8), got {value!r}") from exc
     if not number > 0 or math.isinf(number):
         raise MemoryBudgetError(f"memory grant must be > 0, got {value!r}")
     return ("fraction", number) if number <= 1 else ("bytes", number * GIB)

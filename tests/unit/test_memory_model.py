@@ -52,12 +52,13 @@ def test_a_fused_graph_fits_texts_far_longer_than_a_materialized_one_in_the_same
 
 @pytest.mark.parametrize(("value", "expected"), [("20", ("bytes", 20 * GIB)), ("0.5", ("fraction", 0.5)),
                                                  ("1", ("fraction", 1.0)), ("24GiB", ("bytes", 24 * GIB)),
+                                                 ("512M", ("bytes", 512 * 1024**2)), ("4096B", ("bytes", 4096)),
                                                  ("", None), (None, None)])
 def test_parse_grant(value, expected):
     assert parse_grant(value) == expected
 
 
-@pytest.mark.parametrize("value", ["lots", "0", "-1", "inf"])
+@pytest.mark.parametrize("value", ["lots", "0", "-1", "inf", "0G", "12 apples"])
 def test_parse_grant_refuses_nonsense(value):
     with pytest.raises(MemoryBudgetError):
         parse_grant(value)
