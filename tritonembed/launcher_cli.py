@@ -13,7 +13,7 @@ from pathlib import Path
 from tritonembed.cli_options import DEFAULT_MODEL, add_static_shapes_flag, env_default
 from tritonembed.cache import cache_dir
 from tritonembed.errors import ServerError, SpecError
-from tritonembed.model_repository.configs import SPINNING_MODES, ServingOptions
+from tritonembed.model_repository.configs import GPU_BACKENDS, SPINNING_MODES, ServingOptions
 from tritonembed.spec import SPEC_FILENAME, ModelSpec
 
 log = logging.getLogger("tritonembed.serve")
@@ -77,14 +77,20 @@ def ensure_export(model: str, precision: str, max_length: int | None, name: str 
 
 
 def _serving_options(args: argparse.Namespace):
+    """Raises: ValueError for a bad option value (e.g. --gpu-memory); ServerError for --tensorrt without
+    --gpu-backend onnxruntime."""
+    guard = {"memory_threshold": args.memory_threshold, "memory_limit_file": args.memory_limit_file or ""}
     if args.profile == "gpu":
+        if args.tensorrt and args.gpu_backend != "onnxruntime":
+            raise ServerError("--tensorrt applies to Triton's onnxruntime backend: add --gpu-backend onnxruntime")
         return ServingOptions(profile="gpu", max_texts_per_request=64, tokenizer_max_batch=256, encoder_max_batch=64,
                               encoder_instances=args.instances, tensorrt=args.tensorrt,
-                              max_queue_size=args.max_queue_size)
+                              max_queue_size=args.max_queue_size, gpu_backend=args.gpu_backend,
+                              memory_grant=args.gpu_memory or "", **guard)
     return ServingOptions(profile="cpu", encoder_instances=args.instances, max_queue_size=args.max_queue_size,
                           intra_op_threads=args.threads or max(1, (os.cpu_count() or 1) // args.instances),
                           intra_op_spinning=args.spinning, max_tokens_per_batch=args.max_tokens_per_batch,
-                          microbatch_workers=args.microbatch_workers)
+                          microbatch_workers=args.microbatch_workers, **guard)
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -109,7 +115,20 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                         f"second session (default {ServingOptions.microbatch_workers}; 1 = off; models over 256 MB "
                         "and single-threaded encoders always run one at a time)")
     p.add_argument("--tensorrt", action="store_true", default=env_default("tensorrt", False, bool),
-                   help="GPU profile: use the TensorRT execution accelerator")
+                   help="GPU profile with --gpu-backend onnxruntime: use the TensorRT execution accelerator")
+    p.add_argument("--gpu-backend", choices=GPU_BACKENDS, default=env_default("gpu_backend", ServingOptions.gpu_backend),
+                   help="GPU profile: python = our encoder on onnxruntime-gpu (token budget, memory guard, NaN "
+                        "check); onnxruntime = Triton's backend (NGC tritonserver), bounded only by its batch size")
+    p.add_argument("--gpu-memory", default=env_default("gpu_memory", ""),
+                   help="GPU profile: memory the encoder may use, in GiB (e.g. 20), as a size (e.g. 512M) or as a "
+                        "fraction of the device (e.g. 0.8) (default: what is free at start minus 1 GiB)")
+    p.add_argument("--memory-threshold", type=float,
+                   default=env_default("memory_threshold", ServingOptions.memory_threshold, float),
+                   help="shed new work with a retryable error (503 at the gateway) above this fraction of the "
+                        "encoder's memory limit")
+    p.add_argument("--memory-limit-file", default=env_default("memory_limit_file", ""),
+                   help="a file whose content (bytes, or e.g. 4G) lowers the memory guard's limit at runtime; "
+                        "empty or absent = the device / cgroup / host limit")
     p.add_argument("--max-queue-size", type=int, default=env_default("max_queue_size", 0, int),
                    help="bound each Triton model's queue; overflow gets UNAVAILABLE (default 0: unbounded, "
                         "because Triton 2.51's batcher stalls up to 500 ms with a queue policy; see docs/serving.md)")
@@ -191,6 +210,23 @@ def _raise_stop(signum, frame):  # noqa: ARG001 - signal handler signature
     raise _Stop(signal.Signals(signum).name)
 
 
+def _check_gpu_encoder(gpu_backend: str) -> None:
+    """Raises: ServerError when this environment cannot run the gpu profile's encoder."""
+    if gpu_backend == "onnxruntime":
+        if not os.environ.get("TRITONEMBED_TRITONSERVER"):
+            raise ServerError("--gpu-backend onnxruntime needs Triton's onnxruntime backend (the NGC tritonserver "
+                              "container): use docker-compose, or set TRITONEMBED_TRITONSERVER to that binary")
+        return
+    try:  # the Python-backend encoder runs in this environment's onnxruntime (the pip tritonserver is a CUDA build)
+        import onnxruntime
+    except ImportError as exc:
+        raise ServerError("the gpu profile's encoder needs onnxruntime-gpu: pip install onnxruntime-gpu") from exc
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        raise ServerError("the gpu profile's encoder needs onnxruntime-gpu (this onnxruntime has "
+                          f"{', '.join(onnxruntime.get_available_providers())}): pip uninstall onnxruntime && "
+                          "pip install onnxruntime-gpu")
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """Export if needed, assemble, run tritonserver under a :class:`~tritonembed.supervisor.Supervisor` (+ gateway).
 
@@ -208,9 +244,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                max(30.0, args.restart_backoff))
     except ValueError as exc:
         raise ServerError(f"{exc} (--max-restarts, --restart-window, --restart-backoff)") from exc
-    if args.profile == "gpu" and not os.environ.get("TRITONEMBED_TRITONSERVER"):
-        raise ServerError("the gpu profile needs Triton's onnxruntime backend (the NGC tritonserver container): "
-                          "use docker-compose, or set TRITONEMBED_TRITONSERVER to that tritonserver binary")
+    if args.profile == "gpu":
+        _check_gpu_encoder(args.gpu_backend)
     # Fail fast on taken ports, before a possibly long export.
     for port, what in ((args.http_port, "http"), (args.grpc_port, "grpc"), (args.metrics_port, "metrics")):
         ensure_port_free(port, what)

@@ -42,3 +42,29 @@ def test_unknown_spinning_mode_is_refused(capsys):
     with pytest.raises(SystemExit):
         _args("--spinning", "sometimes")
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_gpu_memory_flags_reach_the_gpu_options_and_bad_values_are_refused():
+    options = _serving_options(_args("--profile", "gpu", "--gpu-memory", "20", "--memory-threshold", "0.8",
+                                     "--memory-limit-file", "/run/limit"))
+    assert (options.gpu_backend, options.memory_grant, options.memory_threshold) == ("python", "20", 0.8)
+    assert options.memory_limit_file == "/run/limit" and options.provider == "cuda"
+    with pytest.raises(ValueError, match="memory grant"):
+        _serving_options(_args("--profile", "gpu", "--gpu-memory", "plenty"))
+    from tritonembed.errors import ServerError
+
+    with pytest.raises(ServerError, match="--gpu-backend onnxruntime"):
+        _serving_options(_args("--profile", "gpu", "--tensorrt"))
+
+
+def test_the_gpu_encoder_check_names_onnxruntime_gpu_where_cuda_is_missing():
+    import onnxruntime
+
+    from tritonembed.errors import ServerError
+    from tritonembed.launcher_cli import _check_gpu_encoder
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        _check_gpu_encoder("python")  # a CUDA build here: the check passes
+    else:
+        with pytest.raises(ServerError, match="onnxruntime-gpu"):
+            _check_gpu_encoder("python")
