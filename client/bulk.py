@@ -543,7 +543,6 @@ class UrlPool:
         self.backends = [_Backend(u, AsyncEmbeddingClient(u, model, protocol=protocol, timeout=timeout,
                                                           max_concurrency=1, retry=RetryPolicy(max_retries=0)))
                          for u in urls]
-        random.shuffle(self.backends)  # ties go to a different URL first in each process (Ray actors)
         self.failovers = 0
         self._last_success = time.monotonic()
         self._changed: asyncio.Condition | None = None
@@ -569,7 +568,8 @@ class UrlPool:
                 now = time.monotonic()
                 ready = [b for b in self.backends if b.down_until <= now and b.in_flight < self.in_flight_per_url]
                 if ready:
-                    best = min(ready, key=lambda b: (b.failures > 0, b.in_flight))
+                    # a rested URL competes like the others: that first batch is how it rejoins
+                    best = min(ready, key=lambda b: (b.in_flight, random.random()))
                     best.in_flight += 1
                     return best
                 self._check_deadline(now)
