@@ -139,8 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except TritonEmbedError as exc:
-        log.error("%s", exc)
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {exc}", file=sys.stderr)  # once, whatever the log level
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
