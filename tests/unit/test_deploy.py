@@ -39,6 +39,13 @@ def test_export_and_gateway_commands_parse_with_our_cli(compose):
     export_args = parser.parse_args([expand(a) for a in compose["services"]["export"]["command"]])
     assert export_args.command == "repo" and export_args.profile == "gpu"
     assert export_args.models == ["Qwen/Qwen3-Embedding-4B"] and export_args.precision == "fp16"
+    # the default GPU encoder: the Python backend with a budget from what is free, guarded at 90 %
+    assert export_args.gpu_backend == "python" and export_args.gpu_memory == ""
+    assert export_args.memory_threshold == 0.9
+    from tritonembed.launcher_cli import _serving_options
+
+    options = _serving_options(export_args)
+    assert options.provider == "cuda" and options.memory_grant == ""
     gateway_args = parser.parse_args(compose["services"]["gateway"]["command"])
     assert gateway_args.command == "gateway" and gateway_args.port == 8080
     assert gateway_args.triton_url == "triton:" + str(_triton_flag(compose, "grpc-port"))
@@ -69,3 +76,18 @@ def test_only_the_gateway_is_published_and_triton_gets_a_gpu(compose):
     assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
     assert compose["services"]["gateway"]["ports"] == ["8080:8080"]
     assert compose["services"]["triton"]["depends_on"]["export"]["condition"] == "service_completed_successfully"
+
+
+def test_triton_image_installs_what_the_python_backend_encoder_imports():
+    dockerfile = (ROOT / "deploy" / "triton.Dockerfile").read_text()
+    install = " ".join(line for line in dockerfile.splitlines() if "pip install" in line)
+    for package in ("onnxruntime-gpu", "numpy<2", "tokenizers", "nvidia-ml-py"):
+        assert package in install, package
+    assert "CUDAExecutionProvider" in dockerfile  # the build fails if the CUDA provider does not load
+    # what encoder_model.py imports at load time is either installed there or part of the project
+    import ast
+
+    tree = ast.parse((ROOT / "model_repository" / "encoder_model.py").read_text())
+    top = {n.names[0].name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import)}
+    top |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert top <= {"__future__", "os", "json", "onnxruntime", "tritonembed"}, top
