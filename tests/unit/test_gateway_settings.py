@@ -74,3 +74,27 @@ def test_cli_flags_override_env(tmp_path: Path, monkeypatch):
     assert s.triton_url == "from-env:8001" and s.port == 7100
     assert s.api_keys == ("env-key", "cli-key")
     assert s.model_dirs == (Path("/m1"), Path("/m2"))
+
+
+def test_timeouts_limits_and_token_ids_from_env_and_flags():
+    env = {
+        "TRITONEMBED_REQUEST_DEADLINE": "90",
+        "TRITONEMBED_HEADER_TIMEOUT": "5",
+        "TRITONEMBED_BODY_TIMEOUT": "20",
+        "TRITONEMBED_MAX_CONNECTIONS": "64",
+        "TRITONEMBED_TOKEN_IDS": "tiktoken:cl100k_base",
+    }
+    s = GatewaySettings.from_env(env)
+    assert (s.request_deadline, s.header_timeout, s.body_timeout, s.max_connections, s.token_ids) == (
+        90.0, 5.0, 20.0, 64, "tiktoken:cl100k_base")
+    d = GatewaySettings()
+    assert (d.request_deadline, d.header_timeout, d.body_timeout, d.max_connections, d.token_ids) == (120.0, 10.0, 30.0, 1024, "off")
+    for bad in ({"header_timeout": 0}, {"body_timeout": -1}, {"request_deadline": 0}, {"max_connections": 0}):
+        with pytest.raises(SettingsError):
+            GatewaySettings(**bad)
+    with pytest.raises(SettingsError, match="TRITONEMBED_HEADER_TIMEOUT"):
+        GatewaySettings.from_env({"TRITONEMBED_HEADER_TIMEOUT": "soon"})
+    args = build_parser().parse_args(["--header-timeout", "2", "--body-timeout", "3", "--request-deadline", "4",
+                                      "--max-connections", "5", "--token-ids", "native", "--model-dir", "/m"])
+    s = settings_from_args(args)
+    assert (s.header_timeout, s.body_timeout, s.request_deadline, s.max_connections, s.token_ids) == (2.0, 3.0, 4.0, 5, "native")
