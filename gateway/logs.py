@@ -2,7 +2,7 @@
 
 Keys arrive in the ``Authorization`` header (never logged) but clients also put them where they do
 not belong, e.g. ``?api_key=KEY`` in the URL, which uvicorn's access log writes in full. The filter
-formats each record once and replaces, with ``***``:
+replaces, in each record's message and in each of its arguments, with ``***``:
 
 - the value of a credential-looking query parameter (``api_key``, ``api-key``, ``apikey``, ``key``,
   ``token``, ``access_token``, ``auth``, ``password``);
@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 REDACTED = "***"
 # Loggers that may carry request data: uvicorn's access and error logs, and the gateway's own.
@@ -28,7 +28,7 @@ _BEARER = re.compile(r"(?i)\b(bearer\s+)[^\s\"',]+")
 
 
 class KeyRedactor(logging.Filter):
-    """Rewrites a record's message with secrets replaced (the record is kept, never dropped)."""
+    """Rewrites a record's message and arguments with secrets replaced (the record is kept, never dropped)."""
 
     def __init__(self) -> None:
         super().__init__("tritonembed-key-redactor")
@@ -49,14 +49,21 @@ class KeyRedactor(logging.Filter):
                 text = text.replace(key, REDACTED)
         return text
 
+    def _redact_arg(self, value: object) -> object:
+        if isinstance(value, (int, float)) or value is None:
+            return value
+        text = value if isinstance(value, str) else str(value)
+        redacted = self.redact(text)
+        return value if redacted == text else redacted
+
     def filter(self, record: logging.LogRecord) -> bool:
-        try:
-            message = record.getMessage()
-        except Exception:  # a malformed record: leave it to the handler's own error path
-            return True
-        redacted = self.redact(message)
-        if redacted != message:
-            record.msg, record.args = redacted, None
+        # Arguments are redacted one by one, keeping the tuple: uvicorn's AccessFormatter unpacks it.
+        if isinstance(record.msg, str):
+            record.msg = self.redact(record.msg)
+        if isinstance(record.args, tuple):
+            record.args = tuple(self._redact_arg(a) for a in record.args)
+        elif isinstance(record.args, Mapping):
+            record.args = {k: self._redact_arg(v) for k, v in record.args.items()}
         return True
 
 

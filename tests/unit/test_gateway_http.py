@@ -12,6 +12,7 @@ import time
 
 import httpx
 import pytest
+from uvicorn.logging import AccessFormatter
 
 from tritonembed.gateway import BackgroundGateway, GatewaySettings
 
@@ -150,6 +151,7 @@ def test_api_keys_never_reach_the_access_log(param):
 
     with serve() as gw:
         handler = Collect()
+        handler.setFormatter(AccessFormatter('%(client_addr)s - "%(request_line)s" %(status_code)s'))  # unpacks args
         access = logging.getLogger("uvicorn.access")
         access.addHandler(handler)
         try:
