@@ -228,7 +228,7 @@ def encode_requests(
             r, i = owners[k]
             limit = f"at most {longest_text} tokens" if longest_text is not None else "fewer tokens"
             errors.setdefault(r, EncoderRowError(
-                f"input {i} has {len(rows[k])} tokens; the encoder's memory budget fits {limit} in one text "
+                f"input[{i}] has {len(rows[k])} tokens; the encoder's memory budget fits {limit} in one text "
                 "(grant more memory, e.g. --gpu-memory, or send a shorter text)"))
         stats.too_long_rows = len(too_long)
         skip = set(too_long) | {k for k, (r, _) in enumerate(owners) if r in errors}
@@ -260,7 +260,7 @@ def encode_requests(
                     continue
             r, i = owners[k]
             errors.setdefault(r, EncoderRowError(
-                f"input {i} produced a non-finite embedding (numeric overflow in {'the fallback and ' if fallback else ''}"
+                f"input[{i}] produced a non-finite embedding (numeric overflow in {'the fallback and ' if fallback else ''}"
                 "the model's precision, e.g. fp16); it was not returned"))
         for j, i in enumerate(batch):
             outputs[i] = emb[j]

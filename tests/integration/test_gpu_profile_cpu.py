@@ -129,7 +129,7 @@ def test_a_text_too_long_for_the_budget_alone_gets_its_own_clear_error(server):
     with pytest.raises(InferenceServerException) as err:
         infer(server, ["short", too_long])
     message = err.value.message()
-    assert "input 1 has" in message and "memory budget" in message, message
+    assert "input[1] has" in message and "memory budget" in message, message
     assert err.value.status() == "StatusCode.INVALID_ARGUMENT"
     emb, _ = infer(server, ["short"])  # the server keeps serving
     assert np.isfinite(emb).all()

@@ -84,7 +84,7 @@ def test_encode_requests_fails_only_the_overflowing_input_of_a_batch(session_and
     outputs, stats = encode_requests(run, requests, pad_id=spec.pad_token_id, padding_side=spec.padding_side,
                                      max_tokens=4096, max_rows=64, normalized=spec.normalize)
     assert isinstance(outputs[0], EncoderRowError)
-    assert "input 1 produced a non-finite embedding" in str(outputs[0])
+    assert "input[1] produced a non-finite embedding" in str(outputs[0])
     np.testing.assert_allclose(outputs[1], run(*padded(GOOD)), atol=1e-3)  # same rows, fp16 graph
     assert stats.nonfinite_rows == 1
 
@@ -113,7 +113,7 @@ def test_served_overflow_is_a_clear_error_and_never_a_nan_vector(server, session
     with pytest.raises(InferenceServerException) as err:
         infer(server, [GOOD[0], OVERFLOWING])
     assert err.value.status() == "StatusCode.INVALID_ARGUMENT"
-    assert "input 1 produced a non-finite embedding" in err.value.message()
+    assert "input[1] produced a non-finite embedding" in err.value.message()
     good = infer(server, GOOD)
     assert np.isfinite(good).all()
     expected = run(*padded(GOOD))

@@ -158,7 +158,7 @@ def test_encode_requests_refuses_a_text_too_long_for_the_budget_and_serves_the_o
     outputs, stats = encode_requests(run, [too_long, fine], pad_id=0, padding_side="left", max_tokens=100,
                                      max_rows=8, fits=fits, longest_text=6)
     assert isinstance(outputs[0], EncoderRowError)
-    assert "input 1 has 7 tokens" in str(outputs[0]) and "at most 6 tokens" in str(outputs[0])
+    assert "input[1] has 7 tokens" in str(outputs[0]) and "at most 6 tokens" in str(outputs[0])
     np.testing.assert_allclose(outputs[1], _first_token(*pad_batch([[11], [13], [15]], 0, "left")))
     assert stats.too_long_rows == 1
     assert all(rows * length <= 6 for rows, length in calls)  # every run stayed in the budget
@@ -175,7 +175,7 @@ def test_a_nonfinite_row_fails_only_its_request_or_is_recomputed_by_the_fallback
     good = pad_batch([[5, 6], [7]], 0, "left")
     outputs, stats = encode_requests(overflowing, [bad, good], pad_id=0, padding_side="left", max_tokens=64,
                                      max_rows=8, normalized=True)
-    assert isinstance(outputs[0], EncoderRowError) and "input 1 produced a non-finite embedding" in str(outputs[0])
+    assert isinstance(outputs[0], EncoderRowError) and "input[1] produced a non-finite embedding" in str(outputs[0])
     assert np.isfinite(outputs[1]).all() and outputs[1].shape == (2, 2)
     assert stats.nonfinite_rows == 1
 
