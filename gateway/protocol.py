@@ -87,7 +87,7 @@ class TimedH11Protocol(H11Protocol):
         self._header_timer = self._body_timer = None
         if self.transport.is_closing():
             return
-        client = "%s:%d" % self.client if self.client else "?"
+        client = f"{self.client[0]}:{self.client[1]}" if self.client else "?"
         logger.info("closing the connection from %s: request %s not received within %g s", client, what, seconds)
         self.transport.close()
 

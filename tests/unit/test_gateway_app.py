@@ -471,7 +471,7 @@ def test_dimensions_advice_fits_an_http_caller(stub):
 
 def test_readme_gateway_command_parses_and_starts(monkeypatch):
     """`tritonembed gateway --triton-url 127.0.0.1:8001 --port 8080` (the README's line) used to crash on --log-level."""
-    import tritonembed.gateway.server as server
+    from tritonembed.gateway import server
     from tritonembed import cli
 
     started = []
