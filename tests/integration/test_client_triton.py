@@ -158,7 +158,7 @@ def test_errors_from_the_server(triton, protocol):
     url = triton.grpc_url if protocol == "grpc" else triton.http_url
     with EmbeddingClient(url, spec.name, protocol=protocol, retry=RetryPolicy(max_retries=0)) as client:
         with pytest.raises(InvalidArgument, match="empty"):
-            client.embed(["fine", "   "])  # whitespace-only: refused by the server
+            client.embed(["fine", "   "])  # blank: refused locally by the blank rule (the server refuses it too)
         with pytest.raises(InvalidArgument, match=rf"\d+ tokens.*{spec.max_length}|{spec.max_length}.*\d+ tokens"):
             client.embed(["fine", "token " * (spec.max_length + 10)], truncate=False)
         with pytest.raises(InvalidArgument, match="empty"):
