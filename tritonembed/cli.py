@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from tritonembed import launcher_cli
+from tritonembed import embed_cli, launcher_cli
 from tritonembed.benchmarks import cli as bench_cli
 from tritonembed.cli_options import DEFAULT_MODEL, Parser, add_static_shapes_flag, env_default
 from tritonembed.errors import TritonEmbedError
@@ -125,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tools(sub)
     _add_cache(sub)
     launcher_cli.register(sub)
+    embed_cli.register(sub)
     bench_cli.register(sub)
     return parser
 
