@@ -28,13 +28,14 @@ def _session(path: Path) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-@pytest.mark.parametrize("model_id", ["random-qwen3:tiny", "sentence-transformers/all-MiniLM-L6-v2"])
-def test_static_shapes_compute_what_the_traced_graph_computes(model_id: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("model_id", "attention"), [("random-qwen3:tiny", "gqa"), ("random-qwen3:tiny", "unfused"),
+                                                    ("sentence-transformers/all-MiniLM-L6-v2", "unfused")])
+def test_static_shapes_compute_what_the_traced_graph_computes(model_id: str, attention: str, tmp_path: Path) -> None:
     resolved = resolve_model(model_id)
     config = read_json(resolved.path / "config.json")
     family = family_for(config)
     spec = family.make_spec(resolved.path, resolved.model_id, config, ExportOptions("fp32", None, None))
-    encoder = build_pooled_encoder(family.load_backbone(resolved.path), spec)
+    encoder = build_pooled_encoder(family.load_backbone(resolved.path), spec, attention)
     graph: dict = {}
     traced = export_onnx(encoder, tmp_path / "traced" / "model.onnx", static_shapes=False)
     static = export_onnx(encoder, tmp_path / "static" / "model.onnx", graph_report=graph)
