@@ -389,9 +389,11 @@ def test_commands_match_docker_compose(objects, compose):
     assert "command" not in repo
     job_args = [expand_k8s(a, repo_env(objects)) for a in repo["args"]]
     compose_args = [expand_compose(a) for a in services["export"]["command"]]
-    if config(objects)["PROFILE"] == "gpu":  # the GPU overlay is docker-compose's deployment
+    if config(objects)["PROFILE"] == "gpu":  # the GPU overlay is docker-compose's deployment, defaults included
         assert config(objects)["MODEL"] == compose_args[1]
         assert config(objects)["PRECISION"] == flag(compose_args, "precision")
+        assert config(objects)["GPU_MEMORY"] == flag(compose_args, "gpu-memory")
+    assert config(objects)["MEMORY_THRESHOLD"] == flag(compose_args, "memory-threshold")
     for name in ("output", "threads"):  # where each writes; threads only on the CPU
         for args in (job_args, compose_args):
             if f"--{name}" in args:
@@ -457,6 +459,8 @@ def test_repository_hand_off_between_the_export_job_and_triton(tmp_path):
     assert mount["mountPath"] == flag(triton["args"], "model-repository")
     for c in (container(job, "swap"), container(triton_dep, "wait-for-repository", init=True)):
         assert c["envFrom"] == [{"configMapRef": {"name": config_name(objs)}}]
+        for key in config(objs):  # the id covers every setting, so a changed one makes new pods wait
+            assert f"${key}" in c["args"][0], (c["name"], key)
 
     swap = _script(container(job, "swap"), tmp_path)
     wait = _script(container(triton_dep, "wait-for-repository", init=True), tmp_path)
