@@ -41,6 +41,7 @@ class ErrorKind(enum.Enum):
     INTERNAL = (500, "server_error", "internal_error")
     BACKEND_UNAVAILABLE = (503, "server_error", "backend_unavailable")
     NOT_READY = (503, "server_error", "not_ready")
+    TOO_MANY_CONNECTIONS = (503, "server_error", "too_many_connections")
     TIMEOUT = (504, "server_error", "timeout")
 
     @property

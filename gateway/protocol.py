@@ -12,16 +12,23 @@ connection:
 
 Both are deadlines, not idle timers: sending a byte now and then does not extend them. A closed
 connection is logged at INFO; a request whose body never completed sees a client disconnect.
+
+It also caps open connections at ``max_connections``: a connection over the cap gets OpenAI's
+error envelope, 503 ``too_many_connections`` with ``Retry-After``, for its request, and is closed
+(uvicorn's own ``limit_concurrency`` answers in plain text).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from typing import Any
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from tritonembed.gateway.errors import RETRY_AFTER_SECONDS, ErrorKind, error_body
 
 logger = logging.getLogger("tritonembed.gateway")
 
@@ -31,6 +38,7 @@ class TimedH11Protocol(H11Protocol):
 
     header_timeout: float = 10.0
     body_timeout: float = 30.0
+    max_connections: int = 1024
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -40,6 +48,10 @@ class TimedH11Protocol(H11Protocol):
     # --- asyncio.Protocol ---------------------------------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        if len(self.connections) > self.max_connections:  # this one included
+            logger.warning("%d connections open (limit %d): answering 503 to %s", len(self.connections),
+                           self.max_connections, self._peer())
+            self.app = over_capacity  # uvicorn runs self.app for each request of this connection
         self._arm_header_timer()
 
     def data_received(self, data: bytes) -> None:
@@ -87,13 +99,25 @@ class TimedH11Protocol(H11Protocol):
         self._header_timer = self._body_timer = None
         if self.transport.is_closing():
             return
-        client = f"{self.client[0]}:{self.client[1]}" if self.client else "?"
-        logger.info("closing the connection from %s: request %s not received within %g s", client, what, seconds)
+        logger.info("closing the connection from %s: request %s not received within %g s", self._peer(), what, seconds)
         self.transport.close()
 
+    def _peer(self) -> str:
+        return f"{self.client[0]}:{self.client[1]}" if self.client else "?"
 
-def timed_protocol(header_timeout: float, body_timeout: float) -> type[TimedH11Protocol]:
-    """A :class:`TimedH11Protocol` subclass with these deadlines, for ``uvicorn.Config(http=...)``."""
-    return type(
-        "TimedH11Protocol", (TimedH11Protocol,), {"header_timeout": float(header_timeout), "body_timeout": float(body_timeout)}
-    )
+
+async def over_capacity(scope: Any, receive: Any, send: Any) -> None:
+    """The answer on a connection over the cap: 503 in OpenAI's envelope, then the connection closes."""
+    kind = ErrorKind.TOO_MANY_CONNECTIONS
+    body = json.dumps(error_body(kind, "the gateway has too many open connections; retry later")).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+               (b"retry-after", str(RETRY_AFTER_SECONDS).encode()), (b"connection", b"close")]
+    await send({"type": "http.response.start", "status": kind.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def timed_protocol(header_timeout: float, body_timeout: float, max_connections: int = 1024) -> type[TimedH11Protocol]:
+    """A :class:`TimedH11Protocol` subclass with these limits, for ``uvicorn.Config(http=...)``."""
+    return type("TimedH11Protocol", (TimedH11Protocol,), {
+        "header_timeout": float(header_timeout), "body_timeout": float(body_timeout), "max_connections": int(max_connections),
+    })

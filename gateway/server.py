@@ -27,8 +27,8 @@ def _uvicorn() -> Any:
 
 
 def _config(settings: GatewaySettings, app: Any) -> Any:
-    """uvicorn's config: h11 with read deadlines (:mod:`.protocol`), ``limit_concurrency`` as the cap
-    on open connections (uvicorn answers 503 over it), and key redaction on its loggers."""
+    """uvicorn's config: h11 with read deadlines and the cap on open connections (:mod:`.protocol`),
+    and key redaction on its loggers."""
     uvicorn = _uvicorn()
     from tritonembed.gateway.protocol import timed_protocol
 
@@ -36,8 +36,7 @@ def _config(settings: GatewaySettings, app: Any) -> Any:
         app,
         host=settings.host,
         port=settings.port,
-        http=timed_protocol(settings.header_timeout, settings.body_timeout),
-        limit_concurrency=settings.max_connections,
+        http=timed_protocol(settings.header_timeout, settings.body_timeout, settings.max_connections),
         log_level=settings.log_level.lower(),
         proxy_headers=True,
         server_header=False,

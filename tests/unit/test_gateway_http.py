@@ -129,7 +129,8 @@ def test_open_connections_are_capped():
         try:
             time.sleep(0.2)
             r = httpx.get(f"{gw.url}/health")
-            assert r.status_code == 503
+            assert r.status_code == 503 and r.headers["retry-after"] and r.headers["connection"] == "close"
+            assert r.json()["error"]["code"] == "too_many_connections"
         finally:
             for sock in idle:
                 sock.close()
