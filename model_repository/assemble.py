@@ -101,7 +101,12 @@ def build_repository(repository: Path, export_dirs: Sequence[Path], options: Ser
     if not export_dirs:
         raise RepositoryError("no exported model given")
     repository = Path(repository)
-    if repository.exists():
-        shutil.rmtree(repository)
-    repository.mkdir(parents=True)
+    # Empty it rather than delete it: the repository is often a mount point (a compose volume, a k8s volume),
+    # which cannot be removed (EBUSY).
+    repository.mkdir(parents=True, exist_ok=True)
+    for child in repository.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
     return [add_model(repository, Path(d), options) for d in export_dirs]
