@@ -51,27 +51,33 @@ class TritonPythonModel:
         self.max_rows = int(json.loads(args["model_config"]).get("max_batch_size", 256))
         threads = int(params.get("intra_op_threads", "0"))
         model_path = directory / self.spec.onnx_file
-        if provider == "cuda":
-            self.session = cuda_session(ort, model_path, device_id)
-            workers = 1
-        else:
-            self.session = cpu_session(ort, model_path, threads, spinning)
+        fallback_file = params.get("fallback_onnx_file", "")
+        fallback_path = directory / fallback_file if fallback_file else None
+        if fallback_path is not None and not fallback_path.is_file():
+            fallback_path = None
+        workers = 1
+        if provider == "cpu":
             workers = pool_workers(int(params.get("microbatch_workers", ServingOptions.microbatch_workers)),
                                    threads or os.cpu_count() or 1, model_bytes(model_path))
+        # priced before any session loads: "free at start" must still include the weights it subtracts
+        self.budget = budget_for(model_path, self.spec.hidden_size, self.spec.precision,
+                                 params.get("memory_grant", ""), device=provider, device_id=device_id,
+                                 sessions=(2 if workers > 1 else 1) + (1 if fallback_path else 0), concurrent=workers)
+        if provider == "cuda":  # arena capped at its weights + one micro-batch's activations
+            self.session = cuda_session(ort, model_path, device_id,
+                                        self.budget.shape.weights_bytes + self.budget.activation_bytes)
+        else:
+            self.session = cpu_session(ort, model_path, threads, spinning)
         self.pool = None
         if workers > 1:  # several micro-batches side by side, one thread each (microbatch_pool)
             single_session = cpu_session(ort, model_path, 1)
             self.pool = MicroBatchPool(lambda ids, mask: run_encoder(single_session, ids, mask), workers)
         self.fallback = None
-        fallback_file = params.get("fallback_onnx_file", "")
-        if fallback_file and (directory / fallback_file).is_file():  # a higher precision of the same checkpoint
-            fallback_session = (cuda_session(ort, directory / fallback_file, device_id) if provider == "cuda"
-                                else cpu_session(ort, directory / fallback_file, threads, spinning))
+        if fallback_path is not None:  # a higher precision of the same checkpoint
+            fallback_session = (cuda_session(ort, fallback_path, device_id,
+                                             model_bytes(fallback_path) + self.budget.activation_bytes)
+                                if provider == "cuda" else cpu_session(ort, fallback_path, threads, spinning))
             self.fallback = lambda ids, mask: run_encoder(fallback_session, ids, mask)
-        sessions = (2 if self.pool else 1) + (1 if self.fallback else 0)
-        self.budget = budget_for(model_path, self.spec.hidden_size, self.spec.precision,
-                                 params.get("memory_grant", ""), device=provider, device_id=device_id,
-                                 sessions=sessions, concurrent=workers)
         self.longest_text = self.budget.longest_text(self.spec.max_length)
         self.guard = MemoryGuard(float(params.get("memory_threshold", _DEFAULTS.memory_threshold)),
                                  limit_file=params.get("memory_limit_file") or None, device=provider,
@@ -187,8 +193,9 @@ def run_encoder(session, input_ids, attention_mask):
     return session.run([ENCODER_EMBEDDING_NAME], {INPUT_IDS.name: input_ids, ATTENTION_MASK.name: attention_mask})[0]
 
 
-def cuda_session(ort, model_path, device_id: int):
-    """An ONNX Runtime session on CUDA device ``device_id`` (CPU fallback for nodes CUDA lacks).
+def cuda_session(ort, model_path, device_id: int, mem_limit: int | None = None):
+    """An ONNX Runtime session on CUDA device ``device_id`` (CPU fallback for nodes CUDA lacks); ``mem_limit``
+    caps its memory arena (bytes) so a mis-estimate fails one run instead of the device.
 
     Raises:
         RuntimeError: this onnxruntime has no CUDA execution provider (install onnxruntime-gpu); what
@@ -201,6 +208,8 @@ def cuda_session(ort, model_path, device_id: int):
     options.log_severity_level = 3
     # kSameAsRequested: the arena grows by what a micro-batch needs, not by doubling past the budget
     cuda = {"device_id": device_id, "arena_extend_strategy": "kSameAsRequested"}
+    if mem_limit:
+        cuda["gpu_mem_limit"] = int(mem_limit)
     return ort.InferenceSession(str(model_path), options, providers=[("CUDAExecutionProvider", cuda),
                                                                      "CPUExecutionProvider"])
 

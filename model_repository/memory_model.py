@@ -14,7 +14,8 @@ The memory granted (``--gpu-memory`` in GiB or a fraction of the device; default
 margin; on CPU the cgroup limit or MemAvailable) minus the weights is the activation budget. The estimate is
 deliberately conservative; the memory guard (:mod:`~tritonembed.model_repository.memory_guard`) catches the rest.
 
-Imports only the standard library (``onnx`` lazily, optional) so the Triton stub can load it.
+Imports only the standard library and tritonembed's torch-free modules (``onnx`` lazily, optional) so the Triton
+stub can load it.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+
+from tritonembed.export.onnx_export import onnx_files
 
 log = logging.getLogger(__name__)
 
@@ -137,12 +140,6 @@ def parse_grant(value: str | float | None) -> tuple[str, float] | None:
     return ("fraction", number) if number <= 1 else ("bytes", number * GIB)
 
 
-def onnx_files(model_path: Path) -> list[Path]:
-    """The ONNX file and its external-data file when there is one."""
-    model_path = Path(model_path)
-    return [p for p in (model_path, model_path.with_name(model_path.name + "_data")) if p.is_file()]
-
-
 def report_attention(directory: Path) -> str | None:
     """FUSED / MATERIALIZED from ``report.json``'s ``graph.attention`` in ``directory``; None without one."""
     path = Path(directory) / "report.json"
@@ -165,7 +162,7 @@ def model_shape(model_path: Path, hidden_size: int, precision: str) -> ModelShap
     Raises:
         MemoryBudgetError: ``model_path`` does not exist.
     """
-    files = onnx_files(model_path)
+    files = [p for p in onnx_files(Path(model_path)) if p.is_file()]
     if not files:
         raise MemoryBudgetError(f"{model_path} does not exist")
     weights = sum(p.stat().st_size for p in files)
