@@ -175,3 +175,17 @@ def test_quantized_exports_keep_the_fused_node(tmp_path, precision):
     # fp16 is the GPU form and CUDA's GQA is fp16/bf16 only: the converter must not keep it in float32
     want = onnx.TensorProto.FLOAT16 if precision == "fp16" else onnx.TensorProto.FLOAT
     assert [types.get(n.input[0]) for n in nodes] == [want] * len(nodes)
+
+
+def test_long_inputs_bench_runs_each_engine_in_its_own_process(tmp_path):
+    from tritonembed.benchmarks.long_inputs import main
+
+    out = tmp_path / "rows.json"
+    assert main(["--tokens", "256,1024", "--unfused-max-tokens", "256", "--engines", "fused,unfused,sdpa,fused-fp16",
+                 "--workdir", str(tmp_path / "work"), "--output", str(out)]) == 0
+    rows = {(r["engine"], r["tokens"]): r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {(e, t) for e in ("fused", "unfused", "sdpa", "fused-fp16") for t in (256, 1024)}
+    assert rows[("unfused", 1024)]["skipped"] and "seconds" not in rows[("unfused", 1024)]
+    for key, row in rows.items():
+        if key != ("unfused", 1024):
+            assert row["finite"] and row["seconds"] > 0 and row["peak_rss_gib"] > 0 and row["run_extra_gib"] >= 0, key
