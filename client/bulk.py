@@ -41,7 +41,7 @@ from typing import Any, Protocol
 import numpy as np
 from tritonembed.client.aio import AsyncEmbeddingClient
 from tritonembed.client.core import RetryPolicy
-from tritonembed.client.errors import EmbeddingError, InvalidArgument
+from tritonembed.client.errors import EmbeddingError, InvalidArgument, ModelNotFound
 
 from tritonembed.errors import TritonEmbedError
 from tritonembed.text_rules import is_blank
@@ -525,6 +525,7 @@ class _Backend:
     down_until: float = 0.0
     rows: int = 0
     last_error: str = ""
+    lacks_model: bool = False  # its last answer: the model is not served there
 
 
 class UrlPool:
@@ -589,6 +590,7 @@ class UrlPool:
 
         Raises:
             AllUrlsDown: every URL failed and none answered for ``deadline`` seconds.
+            BulkError: every URL answered that it does not serve the model.
             InvalidArgument: the server (or the client) refused the texts or the arguments; retrying elsewhere
                 cannot help. ``param`` names the batch index (``texts[3]``) when the server said which text.
         """
@@ -603,6 +605,10 @@ class UrlPool:
                 backend.failures += 1
                 backend.down_until = time.monotonic() + min(10.0, 0.5 * 2 ** (backend.failures - 1))
                 backend.last_error = f"{type(error).__name__}: {error}"
+                backend.lacks_model = isinstance(error, ModelNotFound)
+                if all(b.lacks_model for b in self.backends):  # a wrong --model, not an outage: no point waiting
+                    raise BulkError("no URL serves the model: " + "; ".join(f"{b.url}: {b.last_error}"
+                                                                            for b in self.backends)) from error
                 logger.warning("%s failed a batch of %d (%s); retrying it on another URL", backend.url, len(texts),
                                backend.last_error)
                 if not tried_elsewhere:
@@ -613,7 +619,7 @@ class UrlPool:
             else:
                 if backend.failures:
                     logger.info("%s answers again", backend.url)
-                backend.failures, backend.down_until = 0, 0.0
+                backend.failures, backend.down_until, backend.lacks_model = 0, 0.0, False
                 backend.rows += len(texts)
                 self._last_success = time.monotonic()
                 return vectors

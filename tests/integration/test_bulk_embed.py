@@ -160,6 +160,15 @@ def test_ray_engine_gives_the_same_output_and_skips_finished_shards(tmp_path, re
     assert max(float(np.abs(v - first[i]).max()) for i, v in zip(ids, vectors)) < 1e-5
 
 
+def test_a_model_no_replica_serves_fails_at_once_with_a_clear_error(tmp_path, replicas, corpus):
+    source = write_jsonl(tmp_path / "corpus.jsonl", corpus[:50])
+    done = subprocess.run(embed_cmd(source, tmp_path / "out", replicas, "--model", "no-such-model"),
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "no URL serves the model" in done.stderr and "no-such-model" in done.stderr, done.stderr[-3000:]
+    assert all(s.grpc_url in done.stderr for s in replicas), done.stderr[-3000:]
+
+
 def test_a_replica_killed_mid_job_costs_no_row(tmp_path, replicas, corpus, served):
     """Runs last in this module: it kills the second replica."""
     source = tmp_path / "corpus.parquet"

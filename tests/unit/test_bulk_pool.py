@@ -10,8 +10,8 @@ import asyncio
 
 import numpy as np
 import pytest
-from tritonembed.client.bulk import AllUrlsDown, UrlPool
-from tritonembed.client.errors import ConnectionFailed, InvalidArgument
+from tritonembed.client.bulk import AllUrlsDown, BulkError, UrlPool
+from tritonembed.client.errors import ConnectionFailed, InvalidArgument, ModelNotFound
 
 from tritonembed.launcher import free_port
 
@@ -88,3 +88,11 @@ def test_invalid_argument_is_not_retried():
     with pytest.raises(InvalidArgument):
         run_batches(pool, 1)
     assert sum(s.calls for s in refusing) == 1, "another URL would refuse the same texts"
+
+
+def test_a_model_no_url_serves_fails_at_once():
+    lacking = [StandIn(fail_first=100, error=ModelNotFound("model 'typo' is not served")) for _ in range(2)]
+    pool, urls = pool_with(dict(enumerate(lacking)), 2, in_flight_per_url=1, deadline=600)
+    with pytest.raises(BulkError, match="no URL serves the model") as caught:
+        run_batches(pool, 1)
+    assert not isinstance(caught.value, AllUrlsDown) and all(u in str(caught.value) for u in urls)
