@@ -10,6 +10,9 @@ the vectors depend on (the input's size and a hash of its ends, the model, dimen
 rerun with other arguments is refused instead of mixing vectors; ``_SUCCESS`` is written when every row is
 covered. Readers that skip ``_`` and ``.`` names (pyarrow, pandas, Spark, Ray) see only the parts.
 
+The job embeds rows, not ids: an id that appears twice in the input appears twice in the output (checking
+uniqueness would take memory that grows with the corpus).
+
 Work is spread over several Triton URLs by :class:`UrlPool`: one
 :class:`~tritonembed.client.AsyncEmbeddingClient` per URL, a bounded number of batches in flight on each, and a
 batch whose URL fails is sent to another (embedding is idempotent). The job fails with :class:`AllUrlsDown` only
@@ -28,7 +31,6 @@ import itertools
 import json
 import logging
 import os
-import random
 import re
 import sys
 import time
@@ -520,20 +522,16 @@ class Embedder(Protocol):
 class _Backend:
     url: str
     client: AsyncEmbeddingClient
-    in_flight: int = 0
-    failures: int = 0  # consecutive
-    down_until: float = 0.0
-    rows: int = 0
-    last_error: str = ""
-    lacks_model: bool = False  # its last answer: the model is not served there
+    replica: Replica
 
 
 class UrlPool:
-    """Batches spread over URLs: least-loaded first, a failed URL backed off, its batch retried elsewhere.
+    """Batches spread over URLs by :class:`~tritonembed.client.replicas.ReplicaPolicy`: least-loaded first, a
+    failed URL rested, its batch retried elsewhere.
 
     Each URL gets one :class:`AsyncEmbeddingClient` (retries off: a failure moves the batch to another URL at
     once) and at most ``in_flight_per_url`` batches at a time. A URL that fails rests for 0.5 s, doubling per
-    consecutive failure up to 10 s, then gets batches again; one success puts it back in full.
+    consecutive failure up to 10 s, then competes for batches again; one success puts it back in full.
     """
 
     def __init__(self, urls: Sequence[str], *, model: str | None = None, dimensions: int | None = None,
@@ -541,23 +539,25 @@ class UrlPool:
                  timeout: float = 60.0, protocol: str | None = None) -> None:
         self.dimensions, self.input_type = dimensions, input_type
         self.in_flight_per_url, self.deadline = in_flight_per_url, deadline
-        self.backends = [_Backend(u, AsyncEmbeddingClient(u, model, protocol=protocol, timeout=timeout,
-                                                          max_concurrency=1, retry=RetryPolicy(max_retries=0)))
-                         for u in urls]
+        self.policy = ReplicaPolicy(list(urls))
+        self.backends = [_Backend(r.address, AsyncEmbeddingClient(r.address, model, protocol=protocol, timeout=timeout,
+                                                                  max_concurrency=1, retry=RetryPolicy(max_retries=0)),
+                                  r)
+                         for r in self.policy.replicas]
         self.failovers = 0
         self._last_success = time.monotonic()
         self._changed: asyncio.Condition | None = None
 
     def rows_per_url(self) -> dict[str, int]:
-        return {b.url: b.rows for b in sorted(self.backends, key=lambda b: b.url)}
+        return {b.url: b.replica.rows for b in sorted(self.backends, key=lambda b: b.url)}
 
     async def close(self) -> None:
         for b in self.backends:
             await b.client.close()
 
     def _check_deadline(self, now: float) -> None:
-        if all(b.failures for b in self.backends) and now - self._last_success > self.deadline:
-            errors = "; ".join(f"{b.url}: {b.last_error}" for b in self.backends)
+        if self.policy.all_failing() and now - self._last_success > self.deadline:
+            errors = "; ".join(f"{b.url}: {b.replica.last_error}" for b in self.backends)
             raise AllUrlsDown(f"no URL answered for {self.deadline:.0f} s ({errors}); the parts written so far are "
                               f"kept: run the same command again to continue")
 
@@ -567,30 +567,29 @@ class UrlPool:
         async with self._changed:
             while True:
                 now = time.monotonic()
-                ready = [b for b in self.backends if b.down_until <= now and b.in_flight < self.in_flight_per_url]
-                if ready:
-                    # a rested URL competes like the others: that first batch is how it rejoins
-                    best = min(ready, key=lambda b: (b.in_flight, random.random()))
-                    best.in_flight += 1
-                    return best
+                # a rested URL competes like the others (ties round-robin): that first batch is how it rejoins
+                best = self.policy.choose(now, capacity=self.in_flight_per_url, fallback=False)
+                if best is not None:
+                    self.policy.start(best)
+                    return self.backends[best.index]
                 self._check_deadline(now)
-                resting = [b.down_until for b in self.backends if b.down_until > now]
-                wait = min(resting) - now if resting else self.deadline
+                rest_end = self.policy.next_rest_end(now)
+                wait = rest_end - now if rest_end is not None else self.deadline
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._changed.wait(), timeout=max(0.01, min(wait, 1.0)))
 
-    async def _release(self, backend: _Backend) -> None:
+    async def _release(self, backend: _Backend, error: str | None, rows: int) -> bool:
         assert self._changed is not None
         async with self._changed:
-            backend.in_flight -= 1
+            came_back = self.policy.finish(backend.replica, time.monotonic(), error=error, rows=rows)
             self._changed.notify_all()
+            return came_back
 
     async def embed(self, texts: list[str]) -> np.ndarray:
         """Embed one batch on the best URL, moving to another on failure.
 
         Raises:
             AllUrlsDown: every URL failed and none answered for ``deadline`` seconds.
-            BulkError: every URL answered that it does not serve the model.
             InvalidArgument: the server (or the client) refused the texts or the arguments; retrying elsewhere
                 cannot help. ``param`` names the batch index (``texts[3]``) when the server said which text.
         """
@@ -600,31 +599,24 @@ class UrlPool:
             try:
                 vectors = await backend.client.embed(texts, dimensions=self.dimensions, input_type=self.input_type)
             except InvalidArgument:
+                await self._release(backend, None, 0)
                 raise
             except EmbeddingError as error:  # down, overloaded, timed out, model not loaded yet: try another
-                backend.failures += 1
-                backend.down_until = time.monotonic() + min(10.0, 0.5 * 2 ** (backend.failures - 1))
-                backend.last_error = f"{type(error).__name__}: {error}"
-                backend.lacks_model = isinstance(error, ModelNotFound)
-                if all(b.lacks_model for b in self.backends):  # a wrong --model, not an outage: no point waiting
-                    raise BulkError("no URL serves the model: " + "; ".join(f"{b.url}: {b.last_error}"
-                                                                            for b in self.backends)) from error
+                await self._release(backend, f"{type(error).__name__}: {error}", 0)
                 logger.warning("%s failed a batch of %d (%s); retrying it on another URL", backend.url, len(texts),
-                               backend.last_error)
+                               backend.replica.last_error)
                 if not tried_elsewhere:
                     self.failovers += 1
                     tried_elsewhere = True
                 self._check_deadline(time.monotonic())
                 continue
-            else:
-                if backend.failures:
-                    logger.info("%s answers again", backend.url)
-                backend.failures, backend.down_until, backend.lacks_model = 0, 0.0, False
-                backend.rows += len(texts)
-                self._last_success = time.monotonic()
-                return vectors
-            finally:
-                await self._release(backend)
+            except BaseException:
+                await self._release(backend, None, 0)
+                raise
+            if await self._release(backend, None, len(texts)):
+                logger.info("%s answers again", backend.url)
+            self._last_success = time.monotonic()
+            return vectors
 
 
 # --- the local engine --------------------------------------------------------------------------------------------------
