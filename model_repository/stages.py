@@ -46,55 +46,76 @@ def _decode_instruction(raw: object, index: int) -> str:
         try:
             return raw.decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise InputError(f"instruction {index} is not valid UTF-8") from exc
+            raise InputError(f"instruction for input[{index}] is not valid UTF-8") from exc
     return str(raw)
 
 
 def _formatted_texts(tokenizer: SpecTokenizer, request: TokenizeRequest) -> list[str]:
-    """Raises: InputError for an empty text, bad UTF-8 or mismatched row counts."""
+    """Decode, shrink and template each row; one text at a time, so a request never holds every
+    multi-megabyte text decoded at once.
+
+    Raises: InputError for a blank text, bad UTF-8 or mismatched row counts.
+    """
     n = len(request.texts)
     if n == 0:
         raise InputError("request has no texts")
-    texts = [decode_text(raw, i) for i, raw in enumerate(request.texts)]
-    if request.instructions is None:
-        return tokenizer.format(texts)
-    if len(request.instructions) != n:
+    if request.instructions is not None and len(request.instructions) != n:
         raise InputError(f"INSTRUCTION has {len(request.instructions)} rows, TEXT has {n}")
-    instructions = [_decode_instruction(raw, i) for i, raw in enumerate(request.instructions)]
-    return tokenizer.format(texts, instructions)
+    formatted = []
+    for i, raw in enumerate(request.texts):
+        text = decode_text(raw, i)
+        if request.instructions is None:
+            formatted.extend(tokenizer.format([text]))
+        else:
+            formatted.extend(tokenizer.format([text], [_decode_instruction(request.instructions[i], i)]))
+        del text  # the shrunk copy is all that is kept
+    return formatted
+
+
+def _too_long(index: int, tokens: int | None, limit: int) -> str:
+    count = f"more than {limit}" if tokens is None else str(tokens)
+    return f"input[{index}] has {count} tokens; the model's limit is {limit} tokens and truncation is disabled"
 
 
 def tokenize_requests(
     tokenizer: SpecTokenizer, requests: Sequence[TokenizeRequest], *, pad_to_buckets: bool = True
 ) -> list[TokenizedRequest | InputError]:
-    """Tokenize every valid request of the batch in one ``encode_batch`` call.
+    """Tokenize every valid request of the batch (texts within the character cap in one
+    ``encode_batch`` call).
 
-    A request with a bad row yields an :class:`InputError` in its slot; the others are unaffected.
+    A request with a bad row yields an :class:`InputError` in its slot; the others are unaffected. A
+    text that is too long with truncation off is refused before any tokenization when its length alone
+    proves it (see :class:`~tritonembed.model_repository.tokenization.CharCap`).
     """
     results: list[TokenizedRequest | InputError | None] = [None] * len(requests)
     spans: list[tuple[int, int, int]] = []  # (request index, start, end) into all_texts
     all_texts: list[str] = []
+    limit = tokenizer.spec.max_length
     for r, request in enumerate(requests):
         try:
+            if request.truncate is not None and len(request.truncate) != len(request.texts):
+                raise InputError(f"TRUNCATE has {len(request.truncate)} rows, TEXT has {len(request.texts)}")
             formatted = _formatted_texts(tokenizer, request)
-            if request.truncate is not None and len(request.truncate) != len(formatted):
-                raise InputError(f"TRUNCATE has {len(request.truncate)} rows, TEXT has {len(formatted)}")
+            flags = request.truncate
+            refused = [i for i, text in enumerate(formatted)
+                       if flags is not None and not bool(flags[i]) and tokenizer.surely_too_long(text)]
+            if refused:
+                raise InputError("; ".join(_too_long(i, None, limit) for i in refused))
         except InputError as exc:
             results[r] = exc
             continue
         spans.append((r, len(all_texts), len(all_texts) + len(formatted)))
         all_texts.extend(formatted)
     encoded = tokenizer.encode(all_texts) if all_texts else None
-    limit = tokenizer.spec.max_length
     for r, start, end in spans:
         ids = encoded.ids[start:end]
         truncated = encoded.truncated[start:end]
         flags = requests[r].truncate
         refused = [i for i, cut in enumerate(truncated) if cut and flags is not None and not bool(flags[i])]
         if refused:
-            counts = tokenizer.count_untruncated([all_texts[start + i] for i in refused])
-            detail = ", ".join(f"text {i} has {c} tokens" for i, c in zip(refused, counts))
-            results[r] = InputError(f"{detail}; the model's limit is {limit} tokens and truncation is disabled")
+            countable = [i for i in refused if not tokenizer.is_long(all_texts[start + i])]
+            counts = dict(zip(countable, tokenizer.count_untruncated([all_texts[start + i] for i in countable])))
+            results[r] = InputError("; ".join(_too_long(i, counts.get(i), limit) for i in refused))
             continue
         longest = max(len(x) for x in ids)
         length = bucket_length(longest, limit) if pad_to_buckets else longest

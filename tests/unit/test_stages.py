@@ -99,10 +99,14 @@ def test_encode_requests_returns_rows_in_request_order():
 
 def test_decode_text_errors():
     assert decode_text("héllo".encode(), 0) == "héllo"
-    with pytest.raises(InputError, match="text 2 is not valid UTF-8"):
+    with pytest.raises(InputError, match=r"input\[2\] is not valid UTF-8"):
         decode_text(b"\xc3\x28", 2)
-    with pytest.raises(InputError, match="text 0 is empty"):
-        decode_text(b"  \n", 0)
+    # one blank rule with the gateway and the client (tritonembed.text_rules): whitespace, controls,
+    # zero-width and format characters only
+    for blank in (b"  \n", "\u200b".encode(), b"\x00\x01", "\ufeff\n\u3000".encode()):
+        with pytest.raises(InputError, match=r"input\[0\] is empty"):
+            decode_text(blank, 0)
+    assert decode_text("\u200ba".encode(), 0) == "\u200ba"
 
 
 def test_tokenize_requests_isolates_bad_requests(minilm_tokenizer):
@@ -120,7 +124,7 @@ def test_tokenize_requests_isolates_bad_requests(minilm_tokenizer):
     assert ok.input_ids.shape == (2, 8) and ok.token_counts.ravel().tolist() == [4, 3]
     assert isinstance(results[1], InputError) and "empty" in str(results[1])
     assert isinstance(results[2], InputError) and "UTF-8" in str(results[2])
-    assert isinstance(results[3], InputError) and "text 0 has 102 tokens" in str(results[3]) and "limit is 16" in str(results[3])
+    assert isinstance(results[3], InputError) and "input[0] has 102 tokens" in str(results[3]) and "limit is 16" in str(results[3])
     assert results[4].token_counts.ravel().tolist() == [16]
     assert isinstance(results[5], InputError) and "INSTRUCTION has 2 rows" in str(results[5])
 
