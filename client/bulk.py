@@ -44,6 +44,7 @@ import numpy as np
 from tritonembed.client.aio import AsyncEmbeddingClient
 from tritonembed.client.core import RetryPolicy
 from tritonembed.client.errors import EmbeddingError, InvalidArgument, ModelNotFound
+from tritonembed.client.replicas import Replica, ReplicaPolicy
 
 from tritonembed.errors import TritonEmbedError
 from tritonembed.text_rules import is_blank
@@ -523,6 +524,7 @@ class _Backend:
     url: str
     client: AsyncEmbeddingClient
     replica: Replica
+    lacks_model: bool = False  # its last answer: the model is not served there
 
 
 class UrlPool:
@@ -590,6 +592,7 @@ class UrlPool:
 
         Raises:
             AllUrlsDown: every URL failed and none answered for ``deadline`` seconds.
+            BulkError: every URL answered that it does not serve the model.
             InvalidArgument: the server (or the client) refused the texts or the arguments; retrying elsewhere
                 cannot help. ``param`` names the batch index (``texts[3]``) when the server said which text.
         """
@@ -603,6 +606,10 @@ class UrlPool:
                 raise
             except EmbeddingError as error:  # down, overloaded, timed out, model not loaded yet: try another
                 await self._release(backend, f"{type(error).__name__}: {error}", 0)
+                backend.lacks_model = isinstance(error, ModelNotFound)
+                if all(b.lacks_model for b in self.backends):  # a wrong --model, not an outage: no point waiting
+                    raise BulkError("no URL serves the model: " + "; ".join(f"{b.url}: {b.replica.last_error}"
+                                                                            for b in self.backends)) from error
                 logger.warning("%s failed a batch of %d (%s); retrying it on another URL", backend.url, len(texts),
                                backend.replica.last_error)
                 if not tried_elsewhere:
@@ -613,6 +620,7 @@ class UrlPool:
             except BaseException:
                 await self._release(backend, None, 0)
                 raise
+            backend.lacks_model = False
             if await self._release(backend, None, len(texts)):
                 logger.info("%s answers again", backend.url)
             self._last_success = time.monotonic()
