@@ -119,3 +119,36 @@ def test_served_overflow_is_a_clear_error_and_never_a_nan_vector(server, session
     expected = run(*padded(GOOD))
     cos = (good * expected).sum(1) / (np.linalg.norm(good, axis=1) * np.linalg.norm(expected, axis=1))
     assert cos.min() >= 0.9999
+
+
+@pytest.fixture(scope="module")
+def fp32_export(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("nan-guard-fp32") / "fp32"
+    export_model("random-qwen3:tiny", out, precision="fp32", name=NAME, max_length=128, run_stsb=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def server_with_fallback(overflowing_export, fp32_export, tmp_path_factory):
+    """The same overflowing fp16 encoder, with the fp32 export of the same checkpoint as its fallback session."""
+    root = tmp_path_factory.mktemp("nan-guard-fallback-triton")
+    options = ServingOptions(profile="cpu", intra_op_threads=1, fallback_onnx_file="model.fp32.onnx")
+    build_repository(root / "models", [overflowing_export], options)
+    shutil.copy2(fp32_export / "model.onnx", root / "models" / f"{NAME}_encoder" / "1" / "model.fp32.onnx")
+    with TritonServer(root / "models", log_file=root / "tritonserver.log") as triton:
+        yield triton
+
+
+def test_with_a_higher_precision_fallback_the_overflowing_input_gets_its_correct_vector(
+        server_with_fallback, fp32_export, session_and_tokens):
+    from tritonembed.export.families import family_by_name
+    from tritonembed.export.resolve import resolve_model
+
+    spec, run, padded = session_and_tokens
+    got = infer(server_with_fallback, [GOOD[0], OVERFLOWING])
+    assert np.isfinite(got).all()
+    reference = family_by_name(spec.family).reference_embed(
+        resolve_model("random-qwen3:tiny").path, [spec.format_text(OVERFLOWING, None)], spec)[0]
+    assert float(got[1] @ reference / np.linalg.norm(got[1]) / np.linalg.norm(reference)) >= 0.99999
+    fp16_good = run(*padded([GOOD[0]]))[0]  # the row that did not overflow stays the fp16 session's
+    np.testing.assert_allclose(got[0], fp16_good, atol=1e-3)
