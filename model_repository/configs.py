@@ -85,7 +85,7 @@ class ServingOptions:
     gpu_mem_limit_bytes: int | None = None
     preferred_batch_sizes: tuple[int, ...] = (8, 16, 32, 64)
     # GPU: "python" = encoder_model.py on the CUDA execution provider (token budget, guard, NaN check);
-    # "onnxruntime" = Triton's backend, bounded only by max_batch_size and gpu_mem_limit_bytes.
+    # "onnxruntime" = Triton's backend, bounded only by max_batch_size and ORT's arena cap (a grant in bytes).
     gpu_backend: str = "python"
     # "" = the profile's (cpu / cuda); "cpu" on the gpu profile runs the GPU encoder's code path on KIND_CPU (tests).
     execution_provider: str = ""
@@ -123,7 +123,12 @@ class ServingOptions:
             raise ValueError(f"memory_threshold must be in (0, 1], got {self.memory_threshold}")
         from tritonembed.model_repository.memory_model import parse_grant
 
-        parse_grant(self.memory_grant)  # MemoryBudgetError (a ValueError) for a bad value
+        grant = parse_grant(self.memory_grant)  # MemoryBudgetError (a ValueError) for a bad value
+        if (self.profile == "gpu" and self.gpu_backend == "onnxruntime" and not self.gpu_mem_limit_bytes
+                and (grant is None or grant[0] != "bytes")):
+            # its only memory bound is ORT's arena cap, which needs bytes when the repository is written
+            raise ValueError("gpu_backend='onnxruntime' needs a memory grant in GiB or as a size (--gpu-memory 20): "
+                             "Triton's onnxruntime backend has no token budget, only ORT's arena cap")
 
     @property
     def provider(self) -> str:

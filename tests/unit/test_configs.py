@@ -118,13 +118,16 @@ def test_serving_options_check_the_gpu_knobs():
 
 
 def test_gpu_onnxruntime_backend_option_keeps_warmup_tensorrt_and_an_arena_cap(spec):
-    enc = parse(encoder_config(spec, ServingOptions(profile="gpu", encoder_max_batch=64, gpu_backend="onnxruntime")))
+    with pytest.raises(ValueError, match="needs a memory grant"):  # unbounded otherwise
+        ServingOptions(profile="gpu", gpu_backend="onnxruntime", memory_grant="0.8")
+    enc = parse(encoder_config(spec, ServingOptions(profile="gpu", encoder_max_batch=64, gpu_backend="onnxruntime",
+                                                    gpu_mem_limit_bytes=8 * 1024**3)))
     assert enc.backend == "onnxruntime" and enc.default_model_filename == "model.onnx"
     assert enc.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
     assert list(enc.dynamic_batching.preferred_batch_size) == [8, 16, 32, 64]
     assert [w.batch_size for w in enc.model_warmup] == [1, 32]
     assert not enc.optimization.execution_accelerators.gpu_execution_accelerator
-    assert "gpu_mem_limit" not in enc.parameters
+    assert enc.parameters["gpu_mem_limit"].string_value == str(8 * 1024**3)
     trt = parse(encoder_config(spec, ServingOptions(profile="gpu", encoder_max_batch=64, tensorrt=True,
                                                     gpu_backend="onnxruntime", memory_grant="2")))
     [accel] = trt.optimization.execution_accelerators.gpu_execution_accelerator
