@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -96,6 +97,13 @@ def table_arrays(table) -> tuple[list, np.ndarray]:
     return table.column("id").to_pylist(), np.array(table.column("embedding").to_pylist(), dtype=np.float32)
 
 
+def requests_served(server: TritonServer) -> float:
+    """Triton's count of successful inferences on ``server``, all models."""
+    with urllib.request.urlopen(server.metrics_url, timeout=10) as resp:
+        lines = resp.read().decode().splitlines()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith("nv_inference_request_success{"))
+
+
 def wait_for_parts(out: Path, n: int, process: subprocess.Popen, limit: float = 300) -> None:
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
@@ -142,7 +150,9 @@ def test_ray_engine_gives_the_same_output_and_skips_finished_shards(tmp_path, re
         write_jsonl(shards / f"corpus-{k}.jsonl", corpus[k * 1000:(k + 1) * 1000], offset=k * 1000)
     out = tmp_path / "ray-out"
     cmd = embed_cmd(shards, out, replicas, "--engine", "ray", "--batch-size", "32")
+    before = [requests_served(s) for s in replicas]
     run_cli(cmd)
+    assert all(requests_served(s) > b for s, b in zip(replicas, before)), "the actors used both replicas"
     ids, vectors = table_arrays(pq.read_table(out))
     check_vectors(ids, vectors, served)
     first = dict(zip(ids, vectors))
