@@ -220,3 +220,43 @@ def test_a_merge_of_an_unknown_dimension_leaves_the_graph_alone() -> None:
     report_model.CopyFrom(model)
     assert freeze_shape_inputs(report_model).skipped
     _unchanged_and_equal(model, [{"x": np.zeros(3, np.float32), "m": np.array([0, 5, 0], np.float32)}])
+
+
+def _gqa_graph() -> onnx.ModelProto:
+    """x [batch, sequence, 32] -> Reshape (traced shape arithmetic) -> GroupQueryAttention (no past) -> out."""
+    heads, kv_heads, head = 2, 1, 16
+    shape = [helper.make_node("Shape", ["x"], ["s"]),
+             helper.make_node("Gather", ["s", "zero"], ["b"], axis=0),
+             helper.make_node("Gather", ["s", "one"], ["n"], axis=0),
+             helper.make_node("Unsqueeze", ["b", "axes"], ["bu"]),
+             helper.make_node("Unsqueeze", ["n", "axes"], ["nu"]),
+             helper.make_node("Concat", ["bu", "nu", "width"], ["target"], axis=0),
+             helper.make_node("Reshape", ["x", "target"], ["q"]),
+             helper.make_node("Cast", ["n"], ["total"], to=TensorProto.INT32)]
+    gqa = helper.make_node("GroupQueryAttention", ["q", "kv", "kv", "", "", "seqlens_k", "total"],
+                           ["out", "present_key", "present_value"], domain="com.microsoft", num_heads=heads,
+                           kv_num_heads=kv_heads, scale=head ** -0.5)
+    graph = helper.make_graph(
+        [*shape, gqa], "gqa",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "sequence", heads * head]),
+         helper.make_tensor_value_info("kv", TensorProto.FLOAT, ["batch", "sequence", kv_heads * head]),
+         helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch"])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", "sequence", heads * head])],
+        [numpy_helper.from_array(np.array(0, dtype=np.int64), "zero"),
+         numpy_helper.from_array(np.array(1, dtype=np.int64), "one"),
+         numpy_helper.from_array(np.array([0], dtype=np.int64), "axes"),
+         numpy_helper.from_array(np.array([heads * head], dtype=np.int64), "width")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+
+
+def test_group_query_attention_without_a_past_is_typed_and_the_graph_still_computes_the_same() -> None:
+    """ONNX Runtime's shape rule types GQA's present outputs only from a past; the fused Qwen3 graph has none."""
+    model = _gqa_graph()
+    original = model.SerializeToString()
+    report = freeze_shape_inputs(model)
+    assert report.skipped == [] and report.frozen == 1, report
+    rng = np.random.default_rng(0)
+    feed = {"x": rng.standard_normal((2, 5, 32)).astype(np.float32),
+            "kv": rng.standard_normal((2, 5, 16)).astype(np.float32), "seqlens_k": np.array([4, 2], dtype=np.int32)}
+    run = lambda blob: ort.InferenceSession(blob, providers=["CPUExecutionProvider"]).run(None, feed)[0]  # noqa: E731
+    np.testing.assert_array_equal(run(model.SerializeToString()), run(original))
