@@ -1,4 +1,9 @@
-"""Triton Python-backend model: texts -> padded token ids (one tokenizer call per execute batch)."""
+"""Triton Python-backend model: texts -> padded token ids (one tokenizer call per execute batch).
+
+Every text is shrunk to the tokenizer's character cap before it is tokenized (see
+:class:`~tritonembed.model_repository.tokenization.CharCap`), so one request's work is bounded by
+``max_length`` tokens per text whatever its size, and no multi-megabyte copy outlives ``execute``.
+"""
 
 from __future__ import annotations
 
@@ -30,7 +35,9 @@ class TritonPythonModel:
             "tokenizer_real_tokens": "Tokens of the texts (specials included) after truncation",
             "tokenizer_rejected_requests": "Requests refused for invalid input",
         })
-        log.info("tokenizer for %s ready (max_length %d)", self.spec.name, self.spec.max_length)
+        cap = self.tokenizer.cap
+        log.info("tokenizer for %s ready (max_length %d, %s)", self.spec.name, self.spec.max_length,
+                 f"{cap.kind} character cap {cap.limit}" if cap is not None else "no character cap")
 
     def execute(self, requests):
         parsed = []
