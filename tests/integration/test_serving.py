@@ -176,7 +176,7 @@ def test_bad_requests_fail_alone_while_others_succeed(triton, grpc):
         assert np.abs(result[0] - good_ref).max() <= 1e-5
 
     # too_long names the real token count; truncation on by default cuts instead.
-    assert re.search(r"text 1 has \d+ tokens", results[3].message())
+    assert re.search(r"input\[1\] has \d+ tokens", results[3].message())
     got, counts = embed(grpc, grpcclient, spec.name, [long_text])
     assert counts[0, 0] == spec.max_length and np.isfinite(got).all()
     # too many texts per request: refused by Triton itself, with the limit in the message.
