@@ -225,7 +225,7 @@ class ReplicatedEmbeddingClient:
 
     async def _poll(self) -> None:
         assert self._wake is not None
-        while True:
+        while not self._closed:  # the flag too: 3.11's wait_for can swallow a cancel that meets a wake-up
             await self.check_health()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.health_interval)

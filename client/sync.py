@@ -160,9 +160,11 @@ class EmbeddingClient:
                 return fn()
             except EmbeddingError as error:
                 if not self.retry.should_retry(error, attempt):
+                    if attempt:  # one WARNING per request that finally failed, not one per retry
+                        logger.warning("%s failed after %d attempts (%s: %s)", what, attempt + 1, type(error).__name__, error)
                     raise
                 delay = self.retry.delay(attempt)
-                logger.warning("%s failed (%s: %s); retry %d in %.2fs", what, type(error).__name__, error, attempt + 1, delay)
+                logger.info("%s failed (%s: %s); retry %d in %.2fs", what, type(error).__name__, error, attempt + 1, delay)
                 time.sleep(delay)
                 attempt += 1
 

@@ -3,7 +3,8 @@
 Routes: ``POST /v1/embeddings``, ``GET /v1/models``, ``GET /v1/models/{model}``, ``GET|HEAD /health``
 (liveness, no auth), ``GET /ready`` (Triton and its tritonembed models ready), ``GET /metrics``
 (Prometheus). ``/embeddings`` and ``/models`` answer too, for clients configured without ``/v1``.
-The gateway talks to Triton only through :class:`tritonembed.client.AsyncEmbeddingClient`.
+The gateway talks to Triton only through :class:`tritonembed.client.replicas.ReplicatedEmbeddingClient`
+(one or several replicas: least-loaded routing, health checks, failover).
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
-from tritonembed.client import AsyncEmbeddingClient, EmbeddingError, ModelInfo, ModelNotFound, RetryPolicy
+from tritonembed.client import EmbeddingError, ModelInfo, ModelNotFound, RetryPolicy
+from tritonembed.client.replicas import ReplicatedEmbeddingClient
 from tritonembed.gateway.admission import InputAdmission
 from tritonembed.gateway.errors import ErrorKind, GatewayError, describe, error_response
 from tritonembed.gateway.metrics import CONTENT_TYPE, Metrics
@@ -48,7 +50,8 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 PUBLIC_PATHS = frozenset({"/health"})
 KNOWN_ROUTES = frozenset({"/v1/embeddings", "/embeddings", "/v1/models", "/models", "/health", "/ready", "/metrics"})
-# Gateway -> Triton retries: short, since the API client (openai-python retries 429/503) retries too.
+# Gateway -> Triton retry rounds (each round tries every replica once): short, since the API client
+# (openai-python retries 429/503) retries too.
 GATEWAY_RETRY = RetryPolicy(max_retries=2, initial_backoff=0.05, max_backoff=0.5)
 
 
@@ -337,9 +340,11 @@ def create_app(settings: GatewaySettings | None = None, *, client: Any = None) -
 
     Args:
         settings: defaults to :meth:`GatewaySettings.from_env`.
-        client: an :class:`~tritonembed.client.AsyncEmbeddingClient` (or a stand-in with the same
-            ``models`` / ``embed_with_usage`` / ``is_ready`` / ``close`` methods). By default one is
-            created for ``settings.triton_url`` when the app starts, and closed when it stops.
+        client: a :class:`~tritonembed.client.replicas.ReplicatedEmbeddingClient` or an
+            :class:`~tritonembed.client.AsyncEmbeddingClient` (or a stand-in with the same ``models`` /
+            ``embed_with_usage`` / ``is_ready`` / ``close`` methods; ``backend_stats`` optional). By default
+            a ReplicatedEmbeddingClient over ``settings.triton_urls`` is created when the app starts, and
+            closed when it stops.
 
     Raises:
         GatewayError: a ``model_dirs`` entry is not an exported model directory.
@@ -356,14 +361,16 @@ def create_app(settings: GatewaySettings | None = None, *, client: Any = None) -
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         owned = client is None
-        triton = client or AsyncEmbeddingClient(
-            settings.triton_url,
+        triton = client or ReplicatedEmbeddingClient(
+            settings.triton_urls,
             protocol=settings.protocol,
             timeout=settings.request_timeout,
             max_concurrency=settings.max_concurrency,
             retry=GATEWAY_RETRY,
         )
         app.state.client = triton
+        stats = getattr(triton, "backend_stats", None)
+        metrics.backends = stats if callable(stats) else list
         app.state.registry = ModelRegistry(triton, settings.models_ttl)
         try:
             models = await app.state.registry.refresh()

@@ -17,7 +17,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser = parser or argparse.ArgumentParser(
         prog="python -m tritonembed.gateway", description="OpenAI-compatible /v1/embeddings gateway in front of Triton."
     )
-    parser.add_argument("--triton-url", help="Triton address; grpc://, http:// or host:port (env TRITONEMBED_TRITON_URL)")
+    parser.add_argument("--triton-url", help="Triton address, or several replicas as A,B,...; grpc://, http:// or "
+                                             "host:port (env TRITONEMBED_TRITON_URL)")
     parser.add_argument("--protocol", choices=("grpc", "http"), help="protocol when the URL has no scheme (default grpc)")
     parser.add_argument("--host", help="interface to listen on (env TRITONEMBED_GATEWAY_HOST, default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port to listen on (env TRITONEMBED_GATEWAY_PORT, default 8080)")

@@ -7,6 +7,10 @@
 - ``tritonembed_gateway_inputs_in_flight``: gauge of admitted inputs (see :mod:`.admission`)
 - ``tritonembed_gateway_tokens_total{model}``: counter of usage.prompt_tokens
 - ``tritonembed_gateway_inputs_total{model}``: counter of embedded inputs
+- ``tritonembed_gateway_backend_requests_total{backend}``: requests sent to each Triton replica (``host:port``)
+- ``tritonembed_gateway_backend_failures_total{backend}``: of those, failed before an answer (then retried elsewhere)
+- ``tritonembed_gateway_backend_requests_in_flight{backend}``: gauge
+- ``tritonembed_gateway_backend_healthy{backend}``: 1 while the replica gets traffic, 0 while down or resting
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from __future__ import annotations
 import bisect
 import threading
 from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 PREFIX = "tritonembed_gateway_"
@@ -47,6 +53,7 @@ class Metrics:
         self._sums: dict[str, float] = defaultdict(float)
         self._in_flight = 0
         self.inputs_in_flight = lambda: 0  # the app points this at its admission limiter
+        self.backends: Callable[[], list[dict[str, Any]]] = list  # the app points this at its client's backend_stats
 
     def started(self) -> None:
         with self._lock:
@@ -106,4 +113,15 @@ class Metrics:
             name = family("inputs_total", "counter", "Inputs embedded, by model.")
             for model, count in sorted(self._inputs.items()):
                 lines.append(f"{name}{_labels(model=model)} {count}")
+            backends = self.backends()
+            for key, suffix, kind, help_text in (
+                ("requests", "requests_total", "counter", "Requests sent to each Triton replica."),
+                ("failures", "failures_total", "counter",
+                 "Requests that failed on a replica before an answer (retried on another)."),
+                ("in_flight", "requests_in_flight", "gauge", "Requests in flight on each Triton replica."),
+                ("healthy", "healthy", "gauge", "1 while a Triton replica gets traffic, 0 while it is down or resting."),
+            ):
+                name = family(f"backend_{suffix}", kind, help_text)
+                for stat in backends:
+                    lines.append(f"{name}{_labels(backend=stat['backend'])} {stat[key]}")
             return "\n".join(lines) + "\n"

@@ -3,7 +3,8 @@
 =================================  ==============================================  =================
 variable                           meaning                                         default
 =================================  ==============================================  =================
-``TRITONEMBED_TRITON_URL``         Triton address (scheme picks the protocol)      ``localhost:8001``
+``TRITONEMBED_TRITON_URL``         Triton address(es), comma-separated replicas    ``localhost:8001``
+                                   (a scheme picks the protocol)
 ``TRITONEMBED_TRITON_PROTOCOL``    ``grpc`` or ``http`` when the URL has no scheme ``grpc``
 ``TRITONEMBED_GATEWAY_HOST``       interface to listen on                          ``127.0.0.1``
 ``TRITONEMBED_GATEWAY_PORT``       port to listen on                               ``8080``
@@ -67,6 +68,7 @@ class GatewaySettings:
     log_level: str = "info"
 
     def __post_init__(self) -> None:
+        self.triton_urls  # noqa: B018 -- validates the URL list
         if not 0 <= self.port <= 65535:
             raise SettingsError(f"port must be within 0..65535, got {self.port}")
         for name in ("max_request_bytes", "max_inputs", "max_pending_inputs", "max_concurrency", "max_connections"):
@@ -87,6 +89,26 @@ class GatewaySettings:
                                 "directory with --model-dir (TRITONEMBED_MODEL_DIRS)")
         if any(not key for key in self.api_keys):
             raise SettingsError("API keys must not be empty")
+
+    @property
+    def triton_urls(self) -> list[str]:
+        """The replicas' URLs from ``triton_url`` (``A,B,...``).
+
+        Raises:
+            SettingsError: no URL, a malformed one, or one replica named twice.
+        """
+        from tritonembed.client import InvalidArgument
+        from tritonembed.client.core import parse_url
+        from tritonembed.client.replicas import split_urls
+
+        try:
+            urls = split_urls(self.triton_url)
+            addresses = [parse_url(u, self.protocol).address for u in urls]
+        except InvalidArgument as exc:
+            raise SettingsError(f"triton_url: {exc}") from None
+        if len(set(addresses)) != len(addresses):
+            raise SettingsError(f"triton_url names one replica twice: {self.triton_url!r}")
+        return urls
 
     @property
     def auth_enabled(self) -> bool:
