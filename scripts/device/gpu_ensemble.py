@@ -148,10 +148,10 @@ def group_rss(pgid: int) -> int:
 class PeakMemory:
     """Samples memory in a thread: the GPU's used bytes (NVML) on CUDA, else the server group's RSS."""
 
-    def __init__(self, provider: str, pgid: int | None = None, period: float = 0.2) -> None:
+    def __init__(self, provider: str, pgid: int | None = None, period: float = 0.2, baseline: int | None = None) -> None:
         self.provider, self.pgid, self.period = provider, pgid, period
-        self.baseline = self._read()
-        self.peak = self.baseline
+        self.baseline = self._read() if baseline is None else baseline
+        self.peak = max(self.baseline, self._read())
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
@@ -173,6 +173,12 @@ class PeakMemory:
         self._stop.set()
         self._thread.join()
         self.peak = max(self.peak, self._read())
+
+    @staticmethod
+    def before_start(provider: str) -> int:
+        """The baseline to pass before a server starts: the GPU's used bytes, or 0 (no server group yet)."""
+        reading = nvml_reading() if provider == "cuda" else None
+        return reading["used"] if reading else 0
 
     def to_dict(self) -> dict[str, Any]:
         what = "device_used" if self.provider == "cuda" else "server_rss"
@@ -614,10 +620,12 @@ def serve_variant(args: argparse.Namespace, shape: str, precision: str, texts: d
     tokens = sum(len(r) for r in mixed_ids)
     root = shape_dir(args, shape) / "serve" / precision
     started = time.perf_counter()
+    baseline = PeakMemory.before_start(args.provider)  # so the peak includes the weights and the CUDA context
     with Served(args, shape, precision, root) as served:
         result["start_s"] = round(time.perf_counter() - started, 1)
         result["kind"] = "KIND_GPU" if "KIND_GPU" in served.config else "KIND_CPU"
-        with PeakMemory(args.provider, served.server.process.pid if served.server.process else None) as peak:
+        with PeakMemory(args.provider, served.server.process.pid if served.server.process else None,
+                        baseline=baseline) as peak:
             emb, counts = served.infer(texts["mixed"][:64])
             cos = cosines(emb, reference[:64])
             result["vs_torch"] = {"rows": int(len(cos)), "min_cosine": round(float(cos.min()), 6),
@@ -675,10 +683,14 @@ def cap_run(args: argparse.Namespace, precision: str, gib: float, rec: Recorder)
     root.mkdir(parents=True, exist_ok=True)
     limit_file.write_text(str(1 << 50))  # far above any device: the grant, not the file, bounds the run
     ref = np.load(shape_dir(args, shape) / "reference.npz")
-    result: dict[str, Any] = {"grant": f"{gib:g}G"}
+    # the encoder's grant leaves the cap's rest to the CUDA context and Triton's pinned / CUDA pools
+    grant = f"{int((gib - args.cap_margin_gib) * 2**30)}B"
+    result: dict[str, Any] = {"cap_gib": gib, "grant": grant, "margin_gib": args.cap_margin_gib}
     failures: list[str] = []
-    with Served(args, shape, precision, root, grant=f"{gib:g}G", limit_file=limit_file) as served:
-        with PeakMemory(args.provider, served.server.process.pid if served.server.process else None) as peak:
+    baseline = PeakMemory.before_start(args.provider)
+    with Served(args, shape, precision, root, grant=grant, limit_file=limit_file) as served:
+        with PeakMemory(args.provider, served.server.process.pid if served.server.process else None,
+                        baseline=baseline) as peak:
             for name, texts in (("long", long_texts(args.long_tokens, args.long_rows)),
                                 ("longest", long_texts(args.longest_tokens, 1))):
                 t0 = time.perf_counter()
@@ -866,6 +878,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     r.add_argument("--caps", type=csv_of(cap_entry), default=[("fp16", 24.0), ("fp16", 16.0), ("int4", 12.0)],
                    help="PRECISION:GiB,... of the worst-case phase")
     r.add_argument("--caps-shape", default="4B")
+    r.add_argument("--cap-margin-gib", type=float, default=1.5,
+                   help="of each cap, what the encoder's grant leaves to the CUDA context and Triton's pools")
     r.add_argument("--long-rows", type=int, default=64)
     r.add_argument("--long-tokens", type=int, default=8192)
     r.add_argument("--longest-tokens", type=int, default=32768)

@@ -64,7 +64,7 @@ if [ "$MODE" = dry-run ]; then
   SMALL=(--provider cpu --shapes tiny --caps-shape tiny --torch-dtypes fp32,bf16 --checkpoint-dtype float32
          --max-length 2048 --threads 1 --texts 48 --seconds 0.3 --fixed 4,64 --concurrency 1:2:1 --perf-batch 2
          --perf-ms 300 --gateway-clients 2 --bare-max-tokens 512 --long-rows 4 --long-tokens 256
-         --longest-tokens 1024 --reserve build=10,torch=5,serve=5,caps=5 --step-reserve-s 2)
+         --longest-tokens 1024 --cap-margin-gib 0.25 --reserve build=10,torch=5,serve=5,caps=5 --step-reserve-s 2)
   CAPS_FP16_24=fp16:1 CAPS_INT4_12=int4:0.5 CAPS_FP16_16=fp16:0.75
   SHAPE=tiny
 else
@@ -85,6 +85,8 @@ BUILD=("${DRIVER[@]}" run --phases build --shapes $SHAPE --caps-shape $SHAPE --w
 if [ "$MODE" = unpack ]; then
   [ -f "$G/ort/.done" ] || { echo "part a (.gpu/a) was not carried: name it in carry"; exit 2; }
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  # the 3.12 stub links libpython3.12.so.1.0: call 2 checks it with ldd; say now whether this machine has it
+  ldconfig -p | grep "libpython3.12" || echo "WARNING: no libpython3.12 in ldconfig's cache ($($PY -c "import sysconfig as s; print(s.get_config_var('LIBDIR'), s.get_config_var('Py_ENABLE_SHARED'))"))"
   $PY - <<'EOF' || { echo "PREFLIGHT FAILED: onnxruntime-gpu has no CUDA provider here"; exit 3; }
 import numpy as np, onnxruntime as ort
 from onnx import TensorProto, helper
@@ -111,8 +113,9 @@ if [ "$MODE" = run ]; then
     [ -f "$G/$need/.done" ] || { echo "payload part '$need' missing on this machine: call 1 (unpack, carry .gpu/a) must run just before this call on the same warm machine, and this call must carry .gpu/b"; exit 3; }
   done
   export TRITONEMBED_TRITONSERVER=$G/triton/pytriton/tritonserver/bin/tritonserver TRITONEMBED_PERF_ANALYZER=$G/perf/perf_analyzer
-  # the stub sees numpy 1.26 first (Triton 2.51's stub answers empty tensors under numpy 2), then onnxruntime-gpu
-  export GPU_ENSEMBLE_SERVER_PYTHONPATH=$G/np1:$G/ort:$G/te
+  # the stub sees numpy 1.26 first (Triton 2.51's stub answers empty tensors under numpy 2), then onnxruntime-gpu,
+  # then this Python's own packages (tokenizers, nvidia-ml-py), named in case the embedded interpreter misses them
+  export GPU_ENSEMBLE_SERVER_PYTHONPATH=$G/np1:$G/ort:$G/te:$SP
   STUB=$G/triton/pytriton/tritonserver/backends/python/triton_python_backend_stub
   if ldd "$STUB" | grep -q "libpython3.12.so.1.0 => not found"; then
     LIBDIR=$($PY -c "import sysconfig; print(sysconfig.get_config_var('LIBDIR'))")
@@ -120,12 +123,16 @@ if [ "$MODE" = run ]; then
       [ -f "$d/libpython3.12.so.1.0" ] && export LD_LIBRARY_PATH=$d:$LD_LIBRARY_PATH && break
     done
   fi
+  PREFLIGHT=ok
   MISSING=$( (ldd "$STUB"; ldd "$TRITONEMBED_TRITONSERVER"; LD_LIBRARY_PATH=$G/perf/lib:$LD_LIBRARY_PATH ldd "$TRITONEMBED_PERF_ANALYZER") | grep "not found" | sort -u)
-  [ -z "$MISSING" ] || { echo "PREFLIGHT FAILED: libraries not found: $MISSING"; exit 4; }
+  [ -z "$MISSING" ] || { echo "PREFLIGHT FAILED: libraries not found: $MISSING"; PREFLIGHT=failed; }
   PYTHONPATH=$GPU_ENSEMBLE_SERVER_PYTHONPATH $PY -c "import numpy, onnxruntime, tokenizers, tritonembed.model_repository.encoder_model as e; assert numpy.__version__ < '2', numpy.__version__; assert 'CUDAExecutionProvider' in onnxruntime.get_available_providers(); print('stub env ok: numpy', numpy.__version__, 'ort', onnxruntime.__version__)" \
-    || { echo "PREFLIGHT FAILED: the stub's Python environment"; exit 4; }
+    || { echo "PREFLIGHT FAILED: the stub's Python environment"; PREFLIGHT=failed; }
   $PY -c "import tritonclient.grpc, fastapi, uvicorn, tritonembed.gateway, tritonembed.benchmarks.perf_analyzer, pynvml; print('driver env ok')" \
-    || { echo "PREFLIGHT FAILED: the driver's imports"; exit 4; }
+    || { echo "PREFLIGHT FAILED: the driver's imports"; PREFLIGHT=failed; }
+  if [ $PREFLIGHT != ok ]; then  # no server can run: measure what needs none (PyTorch), then stop
+    echo "running the torch step only"; STEPS=torch
+  fi
   el "preflight ok; waiting for the build"
   while [ ! -f "$W/build.finished" ] && [ ! -f "$W/$SHAPE/exports/fp16/report.json" ] && [ "$(left)" -gt 60 ]; do sleep 5; done
   tail -3 "$W/build.log" 2>/dev/null
@@ -163,5 +170,6 @@ done
 "${DRIVER[@]}" merge "$OUT/gpu-ensemble.json" "$W/build-fp16.json" "$W/build-int4.json" 2>&1 | tee -a "$OUT/gpu-ensemble.log"
 RC=${PIPESTATUS[0]}
 tar -czf "$OUT/logs.tar.gz" -C "$W" $(cd "$W" && find . -name 'tritonserver.log*' -o -name 'build.log' -o -name 'perf_analyzer.log' | head -200) 2>/dev/null
-el "end (exit $RC: 1 = a step failed, see the JSON's 'failed')"
+[ "${PREFLIGHT:-ok}" = ok ] || RC=4
+el "end (exit $RC: 1 = a step failed, see the JSON's 'failed'; 4 = preflight failed, only torch ran)"
 exit $RC

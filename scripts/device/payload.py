@@ -11,7 +11,7 @@ perf_analyzer and no network, and each call there carries at most 64 MiB. Comman
   ``lib/libcudart.so.12`` (both copied from the pytriton wheel's bundled ones; the loader matches file names).
 - ``site DEST WHEEL...``: wheels unpacked into one folder for ``PYTHONPATH`` (data folders, tests and
   bytecode dropped); ``--ort-keep-sm 90`` prunes onnxruntime-gpu's CUDA kernels to that GPU generation
-  (:mod:`prune_fatbin`) and drops its TensorRT provider.
+  (:mod:`prune_fatbin`) and drops its TensorRT provider and C API library.
 - ``pack SRC OUT``: ``tar | xz -9e`` of a staged folder, with its size.
 
 Raises (as a non-zero exit): a file named above is missing, or a needed library is not bundled.
@@ -131,8 +131,10 @@ def stage_site(dest: Path, wheels: list[Path], ort_keep_sm: str | None) -> None:
         pruned = cuda.with_suffix(".pruned")
         prune_fatbin.main([str(cuda), str(pruned), "--keep", ort_keep_sm])
         pruned.replace(cuda)
-        for extra in capi.glob("libonnxruntime_providers_tensorrt.so"):
-            extra.unlink()  # the TensorRT provider is not used (and needs TensorRT, absent there)
+        # The TensorRT provider (needs TensorRT, absent there) and the C API library (the Python binding does
+        # not link it: readelf shows no NEEDED entry for it) are not loaded by `import onnxruntime`.
+        for extra in [*capi.glob("libonnxruntime_providers_tensorrt.so"), *capi.glob("libonnxruntime.so*")]:
+            extra.unlink()
     for so in dest.rglob("*.so*"):
         so.chmod(0o755)
 
