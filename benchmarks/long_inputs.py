@@ -94,6 +94,7 @@ def prepare(model: str, workdir: Path, max_tokens: int, engines: Sequence[str]) 
     from tritonembed.export.onnx_export import build_pooled_encoder, export_onnx
     from tritonembed.export.pipeline import export_model
     from tritonembed.export.resolve import resolve_model
+
     from tritonembed.spec import ModelSpec
 
     fused_dir = workdir / "fused"
@@ -115,7 +116,7 @@ def run_child(engine: str, path: str, tokens: int, threads: int, timeout: float)
     cmd = [sys.executable, "-m", "tritonembed.benchmarks.long_inputs", "--child", engine, path, str(tokens),
            "--threads", str(threads)]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired:
         return {"engine": engine, "tokens": tokens, "error": f"timed out after {timeout:.0f} s"}
     if proc.returncode != 0:

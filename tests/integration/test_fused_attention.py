@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-
 from tritonembed.export.attention import FUSED_GQA, UNFUSED, graph_attention
 from tritonembed.export.families import family_by_name
 from tritonembed.export.onnx_export import build_pooled_encoder, export_onnx
@@ -24,6 +23,7 @@ from tritonembed.export.pipeline import export_model
 from tritonembed.export.resolve import resolve_model
 from tritonembed.export.validate import OnnxEncoder, compare
 from tritonembed.model_repository.tokenization import SpecTokenizer, pad_batch
+
 from tritonembed.spec import ModelSpec
 
 pytestmark = pytest.mark.integration
@@ -93,7 +93,7 @@ def sdpa_reference(ids: np.ndarray) -> np.ndarray:
 
 def peak_extra_gib(model_path: Path, tokens: int) -> float:
     proc = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(model_path), str(tokens)],
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["finite"]
