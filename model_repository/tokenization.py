@@ -467,11 +467,17 @@ def _byte_level_decoder() -> dict[str, int]:
     return mapping
 
 
+#: The longest canonical decomposition of one code point (U+1FAF and others: 4), so the most original
+#: characters NFC can compose into one.
+MAX_CANONICAL_DECOMPOSITION = 4
+
+
 def _nfc_weight(token: str) -> int:
-    """Original characters that can normalize (NFC) into ``token``'s characters."""
+    """Original characters that can normalize (NFC) into ``token``'s characters; a partial UTF-8
+    character (decoded as U+FFFD) counts as the longest decomposition."""
     if token.isascii():
         return len(token)
-    return sum(len(unicodedata.normalize("NFD", ch)) for ch in token)
+    return sum(MAX_CANONICAL_DECOMPOSITION if ch == "\ufffd" else len(unicodedata.normalize("NFD", ch)) for ch in token)
 
 
 def _components(node: dict | None, key: str) -> list[dict]:

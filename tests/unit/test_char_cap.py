@@ -228,3 +228,13 @@ def test_template_text_is_covered_by_the_cap():
     [result] = tokenize_requests(tok, [TokenizeRequest([text.encode()], truncate=[False])])
     assert not isinstance(result, InputError), result
     assert result.token_counts.ravel().tolist() == [len(_reference(tok, "passage: " + text)[0])]
+
+
+def test_longest_canonical_decomposition_is_the_declared_one():
+    import sys
+    import unicodedata
+
+    from tritonembed.model_repository.tokenization import MAX_CANONICAL_DECOMPOSITION
+
+    longest = max(len(unicodedata.normalize("NFD", chr(c))) for c in range(sys.maxunicode + 1) if not 0xD800 <= c < 0xE000)
+    assert longest == MAX_CANONICAL_DECOMPOSITION
