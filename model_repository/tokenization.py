@@ -490,7 +490,12 @@ def _components(node: dict | None, key: str) -> list[dict]:
 
 def derive_char_cap(tokenizer, max_length: int) -> CharCap | None:
     """The :class:`CharCap` of a loaded ``tokenizers.Tokenizer`` truncating at ``max_length``, or
-    ``None`` for a tokenizer type whose per-token character bound is not derived here."""
+    ``None`` for a tokenizer type whose per-token character bound is not derived here (also a BPE
+    split regex that is not GPT-2-style, where the whitespace boundary is not proven).
+
+    Raises:
+        ValueError: a ByteLevel alphabet other than GPT-2's (a ``tokenizers`` release that changed it).
+    """
     data = json.loads(tokenizer.to_str())
     model = data["model"]
     normalizers = [n.get("type") for n in _components(data.get("normalizer"), "normalizers")]
@@ -499,7 +504,10 @@ def derive_char_cap(tokenizer, max_length: int) -> CharCap | None:
     content = max(1, max_length - tokenizer.num_special_tokens_to_add(False))
     added = max((len(t["content"]) for t in data.get("added_tokens", [])), default=1)
     if model["type"] == "BPE" and "ByteLevel" in pre_types and set(normalizers) <= {"NFC"}:
-        split_ok = all(t == "ByteLevel" or (t == "Split" and p.get("behavior") == "Isolated") for t, p in zip(pre_types, pre))
+        # GPT-2-style regexes (GPT-2, Qwen2, Llama 3) end in `\s+(?!\S)|\s+`; their other branches stop at whitespace.
+        split_ok = all(t == "ByteLevel" or (t == "Split" and p.get("behavior") == "Isolated"
+                                            and str(p.get("pattern", {}).get("Regex", "")).endswith(r"\s+(?!\S)|\s+"))
+                       for t, p in zip(pre_types, pre))
         if not split_ok:
             return None
         decoder = _byte_level_decoder()
