@@ -133,7 +133,3 @@ def error_response(kind: ErrorKind, message: str, param: str | None = None) -> J
     if kind is ErrorKind.UNAUTHORIZED:
         headers = {"WWW-Authenticate": "Bearer"}
     return JSONResponse(error_body(kind, message, param), status_code=kind.status, headers=headers)
-
-
-def exception_response(exc: BaseException) -> JSONResponse:
-    return error_response(*describe(exc))

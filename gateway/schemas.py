@@ -31,24 +31,6 @@ class OpenAIEmbeddingRequest(BaseModel):
     truncate: StrictBool = True
 
 
-class OpenAIEmbedding(BaseModel):
-    object: Literal["embedding"] = "embedding"
-    embedding: list[float] | str
-    index: int
-
-
-class OpenAIUsage(BaseModel):
-    prompt_tokens: int
-    total_tokens: int
-
-
-class OpenAIEmbeddingResponse(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[OpenAIEmbedding]
-    model: str
-    usage: OpenAIUsage
-
-
 class OpenAIModel(BaseModel):
     id: str
     object: Literal["model"] = "model"
