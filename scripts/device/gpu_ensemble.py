@@ -33,6 +33,7 @@ that would start after it is recorded as skipped.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -107,7 +108,7 @@ def system_info(provider: str) -> dict[str, Any]:
     for name in ("torch", "transformers", "onnx", "onnxruntime", "numpy", "tokenizers"):
         try:
             info[name] = __import__(name).__version__
-        except Exception as exc:  # a missing package is a fact to record, not a failure of the run
+        except Exception as exc:  # noqa: BLE001 - a missing or broken package is a fact to record, not a failure
             info[name] = f"missing: {type(exc).__name__}"
     nvml = nvml_reading()
     if nvml:
@@ -121,7 +122,7 @@ def nvml_reading() -> dict[str, Any] | None:
         import pynvml
 
         pynvml.nvmlInit()
-    except Exception:  # no driver / no package: the CPU dry run
+    except Exception:  # noqa: BLE001 - no driver or no package (the CPU dry run): no reading
         return None
     try:
         handle = pynvml.nvmlDeviceGetHandleByIndex(0)
@@ -241,6 +242,7 @@ def write_texts(path: Path, count: int) -> None:
 
 def tokenizer_of(export: Path) -> Any:
     from tritonembed.model_repository.tokenization import SpecTokenizer
+
     from tritonembed.spec import ModelSpec
 
     spec = ModelSpec.load(export)
@@ -262,7 +264,11 @@ def build_shape(args: argparse.Namespace, shape: str) -> dict[str, Any]:
         ExportError / QuantizationError: the exporter or quantizer failed.
     """
     from tritonembed.export.families import ExportOptions, family_for
-    from tritonembed.export.onnx_export import build_pooled_encoder, export_onnx, model_bytes
+    from tritonembed.export.onnx_export import (
+        build_pooled_encoder,
+        export_onnx,
+        model_bytes,
+    )
     from tritonembed.export.pipeline import ExportReport, copy_tokenizer
     from tritonembed.export.quantize import quantize_onnx
     from tritonembed.export.testmodels import create_random_qwen3
@@ -277,7 +283,7 @@ def build_shape(args: argparse.Namespace, shape: str) -> dict[str, Any]:
     family = family_for(config)
     graph: dict[str, Any] = {}
     fp32 = out / "onnx-fp32" / "model.onnx"
-    if not fp32.is_file():
+    if not (out / "onnx-fp32" / "graph.json").is_file():  # written last: the trace is complete
         base = family.make_spec(checkpoint, f"random-qwen3:{shape}", config, ExportOptions("fp32", args.max_length))
         backbone = family.load_backbone(checkpoint)
         export_onnx(build_pooled_encoder(backbone, base, family.attention), fp32, graph_report=graph)
@@ -285,7 +291,15 @@ def build_shape(args: argparse.Namespace, shape: str) -> dict[str, Any]:
         (out / "onnx-fp32" / "graph.json").write_text(json.dumps(graph))
     graph = json.loads((out / "onnx-fp32" / "graph.json").read_text())
     timings["fp32_trace_s"] = round(time.perf_counter() - started, 1)
-    sources = {"fp32": fp32}
+
+    def fp16_graph() -> Path:
+        """The fp16 graph, converted once (a DONE file marks it complete: int4 may run in a later process)."""
+        fp16 = out / "onnx-fp16" / "model.onnx"
+        if not (fp16.parent / "DONE").is_file():
+            quantize_onnx(fp32, fp16, "fp16")
+            (fp16.parent / "DONE").touch()
+        return fp16
+
     for precision in args.precisions:
         target_dir = export_dir(args, precision=precision, shape=shape)
         if (target_dir / "report.json").is_file():
@@ -299,24 +313,14 @@ def build_shape(args: argparse.Namespace, shape: str) -> dict[str, Any]:
         spec.save(staging)
         report = ExportReport(f"random-qwen3:{shape}", "random", family.name, precision, str(target_dir), True)
         report.graph = graph
-        if precision == "fp32":
-            for f in fp32.parent.glob("model.onnx*"):
+        if precision in ("fp32", "fp16"):
+            for f in (fp32 if precision == "fp32" else fp16_graph()).parent.glob("model.onnx*"):
                 os.link(f, staging / f.name)
         else:
-            if precision == "fp16" or (precision == "int4" and int4_from_fp16(args)):
-                if "fp16" not in sources:
-                    fp16 = out / "onnx-fp16" / "model.onnx"
-                    if not fp16.is_file():
-                        quantize_onnx(fp32, fp16, "fp16")
-                    sources["fp16"] = fp16
-            source = sources["fp16"] if precision == "int4" and int4_from_fp16(args) else fp32
-            if precision == "fp16":
-                for f in sources["fp16"].parent.glob("model.onnx*"):
-                    os.link(f, staging / f.name)
-            else:
-                result = quantize_onnx(source, staging / "model.onnx", precision)
-                report.quantization = {"method": result.method, "settings": result.settings,
-                                       "activations": "float16" if source != fp32 else "float32"}
+            source = fp16_graph() if int4_from_fp16(args) else fp32
+            result = quantize_onnx(source, staging / "model.onnx", precision)
+            report.quantization = {"method": result.method, "settings": result.settings,
+                                   "activations": "float16" if source != fp32 else "float32"}
         report.files = {p.name: p.stat().st_size for p in staging.iterdir() if p.is_file()}
         report.save(staging)
         shutil.rmtree(target_dir, ignore_errors=True)
@@ -449,7 +453,7 @@ def torch_shape(args: argparse.Namespace, shape: str, texts: dict[str, list[str]
         vectors = work.pop("vectors")
         result["workload"] = work
         fixed_ids = [[1000 + (i * 7 + j) % 5000 for j in range(length)] for i in range(rows)]
-        result["fixed"] = mfu_fields(shape, rows, length, fixed_rate(lambda: enc.embed(fixed_ids), args.seconds, enc.sync))
+        result["fixed"] = mfu_fields(shape, rows, length, fixed_rate(functools.partial(enc.embed, fixed_ids), args.seconds, enc.sync))
         if device == "cuda":
             result["peak_allocated_gib"] = round(enc.torch.cuda.max_memory_allocated() / 2**30, 3)
         if n == 0:  # the reference of `serve` and `caps`
@@ -475,9 +479,10 @@ class Served:
 
     def __init__(self, args: argparse.Namespace, shape: str, precision: str, root: Path, *, grant: str = "",
                  limit_file: Path | None = None) -> None:
-        from tritonembed.launcher import TritonServer
         from tritonembed.model_repository.assemble import build_repository
         from tritonembed.model_repository.configs import ServingOptions
+
+        from tritonembed.launcher import TritonServer
 
         self.export = export_dir(args, shape, precision)
         self.name = model_name(shape, precision)
@@ -555,7 +560,7 @@ def bare_encoder(args: argparse.Namespace, served: Served, shape: str, precision
            "--shape", shape, "--precision", bench_variant(args, precision), "--workload", str(work / "workload.json"),
            "--reference", str(work / "reference.npz"), "--provider", args.provider, "--threads", str(args.threads),
            "--max-tokens", ",".join(map(str, args.bare_max_tokens)), "--seconds", str(args.seconds), "-o", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.bare_timeout)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.bare_timeout, check=False)
     if proc.returncode != 0 or not out.is_file():
         raise EnsembleRunError(f"bare encoder measurement failed ({proc.returncode}): {(proc.stderr or proc.stdout)[-1500:]}")
     result = json.loads(out.read_text())
@@ -628,7 +633,7 @@ def serve_variant(args: argparse.Namespace, shape: str, precision: str, texts: d
                         baseline=baseline) as peak:
             emb, counts = served.infer(texts["mixed"][:64])
             cos = cosines(emb, reference[:64])
-            result["vs_torch"] = {"rows": int(len(cos)), "min_cosine": round(float(cos.min()), 6),
+            result["vs_torch"] = {"rows": len(cos), "min_cosine": round(float(cos.min()), 6),
                                   "mean_cosine": round(float(cos.mean()), 6), "floor": MIN_COSINE[precision],
                                   "token_counts_match": bool((counts.reshape(-1) == [len(r) for r in mixed_ids[:64]]).all())}
             rec.put("serve", key, result)
@@ -645,7 +650,7 @@ def serve_variant(args: argparse.Namespace, shape: str, precision: str, texts: d
                     continue
                 try:
                     result[name] = step()
-                except Exception as exc:  # one step's failure is recorded; the others still measure
+                except Exception as exc:  # noqa: BLE001 - one step's failure is recorded; the others still measure
                     result[name] = {"error": f"{type(exc).__name__}: {exc}"[-2000:]}
                     log.error("%s %s: %s", key, name, result[name]["error"])
                 rec.put("serve", key, result)
@@ -653,7 +658,7 @@ def serve_variant(args: argparse.Namespace, shape: str, precision: str, texts: d
     if deadline.left() >= args.step_reserve_s:
         try:
             result["bare_encoder"] = bare_encoder(args, served, shape, precision, mixed_ids, reference)
-        except Exception as exc:  # recorded like the other steps
+        except Exception as exc:  # noqa: BLE001 - recorded like the other steps
             result["bare_encoder"] = {"error": f"{type(exc).__name__}: {exc}"[-2000:]}
     else:
         result["bare_encoder"] = {"skipped": "out of time"}
@@ -673,7 +678,6 @@ def cap_run(args: argparse.Namespace, precision: str, gib: float, rec: Recorder)
         EnsembleRunError: an error answer, wrong vectors, memory above the cap, or the guard not shedding.
     """
     from tritonclient.utils import InferenceServerException
-
     from tritonembed.model_repository.memory_guard import READING_TTL_S
 
     shape = args.caps_shape
@@ -703,7 +707,7 @@ def cap_run(args: argparse.Namespace, precision: str, gib: float, rec: Recorder)
                 cos = cosines(emb[:len(ref[name])], ref[name])
                 result[name] = {"texts": len(texts), "tokens_per_text": int(np.max(counts)),
                                 "seconds": round(time.perf_counter() - t0, 2), "finite": bool(np.isfinite(emb).all()),
-                                "min_cosine_vs_torch": round(float(cos.min()), 6), "checked_rows": int(len(cos))}
+                                "min_cosine_vs_torch": round(float(cos.min()), 6), "checked_rows": len(cos)}
                 if not np.isfinite(emb).all() or cos.min() < LONG_MIN_COSINE[precision]:
                     failures.append(f"{name}: min cosine {cos.min():.4f}")
                 rec.put("caps", key, result)
@@ -744,7 +748,7 @@ def run_step(rec: Recorder, phase: str, key: str, deadline: Deadline, reserve: f
     t0 = time.perf_counter()
     try:
         value = step()
-    except Exception as exc:  # recorded, then the run goes on: one failed phase can be rerun alone
+    except Exception as exc:  # noqa: BLE001 - recorded, then the run goes on: a failed phase can be rerun alone
         log.error("%s %s failed: %s", phase, key, exc)
         entry = rec.data["phases"].setdefault(phase, {}).get(key)
         error = {"error": f"{type(exc).__name__}: {exc}"[-3000:], "traceback": traceback.format_exc()[-3000:]}

@@ -133,7 +133,7 @@ if [ "$MODE" = run ]; then
   if [ $PREFLIGHT != ok ]; then  # no server can run: measure what needs none (PyTorch), then stop
     echo "running the torch step only"; STEPS=torch
   fi
-  el "preflight ok; waiting for the build"
+  el "preflight $PREFLIGHT; waiting for the build"
   while [ ! -f "$W/build.finished" ] && [ ! -f "$W/$SHAPE/exports/fp16/report.json" ] && [ "$(left)" -gt 60 ]; do sleep 5; done
   tail -3 "$W/build.log" 2>/dev/null
 fi
