@@ -22,7 +22,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from tritonembed.errors import ServerError
+from tritonembed.errors import LaunchError
 from tritonembed.launcher import free_port
 
 log = logging.getLogger(__name__)
@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 DEFAULT_INFINITY_VENV = Path(".cache") / "peer-venvs" / "infinity"
 
 
-class PeerUnavailable(ServerError):
+class PeerUnavailable(LaunchError):
     """The peer is not installed, or cannot serve this model; the message says why (for the report)."""
 
 

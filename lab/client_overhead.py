@@ -91,7 +91,7 @@ def measure(export_dir: Path, *, rounds: int, texts: int, samples: int, threads:
     """Per-round p50 of every leg and the median over rounds.
 
     Raises:
-        ServerError: the server does not start. PerfAnalyzerError: perf_analyzer fails.
+        LaunchError: the server does not start. PerfAnalyzerError: perf_analyzer fails.
     """
     from tritonembed.benchmarks.bench import rotated, short_sentences
     from tritonembed.benchmarks.perf_analyzer import run_perf_analyzer

@@ -28,7 +28,7 @@ def measure(export_dir: Path, *, queue_size: int, requests: int, threads: int, w
     """Rows for the tokenizer alone and for the ensemble, one server with ``max_queue_size=queue_size``.
 
     Raises:
-        ServerError: the server does not start. PerfAnalyzerError: perf_analyzer fails.
+        LaunchError: the server does not start. PerfAnalyzerError: perf_analyzer fails.
     """
     from tritonembed.benchmarks import stats as st
     from tritonembed.benchmarks.bench import http_get, short_sentences

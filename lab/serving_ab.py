@@ -62,7 +62,7 @@ def compare(export_dir: Path, variants: dict[str, str], *, rounds: int, threads:
     """Serve ``export_dir`` once per variant and measure them in alternated rounds.
 
     Raises:
-        ValueError: a variant is not ``FIELD=VALUE`` pairs of ServingOptions. ServerError: a server does not start.
+        ValueError: a variant is not ``FIELD=VALUE`` pairs of ServingOptions. LaunchError: a server does not start.
         PerfAnalyzerError: perf_analyzer fails.
     """
     from dataclasses import replace

@@ -48,7 +48,7 @@ class CacheError(TritonEmbedError):
     """The export cache cannot be read or cleaned."""
 
 
-class ServerError(TritonEmbedError):
+class LaunchError(TritonEmbedError):
     """tritonserver (or the gateway) could not be started or died."""
 
 

@@ -19,13 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tritonembed.cache import cache_dir
-from tritonembed.errors import ServerError
+from tritonembed.errors import LaunchError
 from tritonembed.supervisor import ProcessGroup, ReapReport, rotate_logs
 
 log = logging.getLogger(__name__)
 
 
-class PortInUseError(ServerError):
+class PortInUseError(LaunchError):
     """A requested port is already taken."""
 
 
@@ -55,26 +55,26 @@ def find_triton() -> TritonInstall:
     """Locate tritonserver and a backend directory whose Python backend has a stub for this Python.
 
     Raises:
-        ServerError: no tritonserver found (install with ``pip install 'tritonembed[serve]'``).
+        LaunchError: no tritonserver found (install with ``pip install 'tritonembed[serve]'``).
     """
     override = os.environ.get("TRITONEMBED_TRITONSERVER")
     if override:
         binary = Path(override)
         backends = Path(os.environ.get("TRITONEMBED_BACKEND_DIR", binary.parent.parent / "backends"))
         if not binary.is_file():
-            raise ServerError(f"TRITONEMBED_TRITONSERVER={override} does not exist")
+            raise LaunchError(f"TRITONEMBED_TRITONSERVER={override} does not exist")
         return TritonInstall(binary, backends)
     try:
         import pytriton  # type: ignore[import-not-found]
     except ImportError as exc:
-        raise ServerError("no tritonserver: install the serve extra (pip install 'tritonembed[serve]') "
+        raise LaunchError("no tritonserver: install the serve extra (pip install 'tritonembed[serve]') "
                           "or set TRITONEMBED_TRITONSERVER") from exc
     root = Path(pytriton.__file__).parent / "tritonserver"
     binary = root / "bin" / "tritonserver"
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
     stub = root / "python_backend_stubs" / version / "triton_python_backend_stub"
     if not binary.is_file() or not stub.is_file():
-        raise ServerError(f"incomplete tritonserver in {root} (binary or Python {version} stub missing)")
+        raise LaunchError(f"incomplete tritonserver in {root} (binary or Python {version} stub missing)")
     # The stub must sit beside libtriton_python.so; build that layout in our cache, not in site-packages.
     backend_dir = cache_dir() / "triton-backends" / version
     python_dir = backend_dir / "python"
@@ -93,7 +93,7 @@ def find_triton() -> TritonInstall:
 class TritonServer:
     """A tritonserver process: started on given (or free) ports, ready-checked, stopped cleanly.
 
-    Use as a context manager. ``start()`` raises :class:`ServerError` with the last log lines when the
+    Use as a context manager. ``start()`` raises :class:`LaunchError` with the last log lines when the
     server dies or is not ready before the deadline. Each start writes a fresh ``log_file``; the logs of
     earlier starts are kept as ``log_file.1`` (the previous) ... ``log_file.<keep_logs>``. ``stop()`` and
     ``cleanup()`` leave no process of the server's group and none of its ``/dev/shm`` regions behind, also
@@ -171,7 +171,7 @@ class TritonServer:
         return env
 
     def start(self) -> TritonServer:
-        """Raises: PortInUseError, ServerError (died or not ready in time, with the log tail)."""
+        """Raises: PortInUseError, LaunchError (died or not ready in time, with the log tail)."""
         for port, what in ((self.http_port, "http"), (self.grpc_port, "grpc"), (self.metrics_port, "metrics")):
             ensure_port_free(port, what)
         cmd = self.command()
@@ -194,7 +194,7 @@ class TritonServer:
             if self.process.poll() is not None:
                 self.cleanup()  # first: what its stubs write while they stop belongs to the tail
                 tail = self.log_tail()
-                raise ServerError(f"tritonserver exited with code {self.process.returncode} during startup "
+                raise LaunchError(f"tritonserver exited with code {self.process.returncode} during startup "
                                   f"(log {self.log_file}):\n{tail}")
             if self.is_ready():
                 self.remember_shm()
@@ -202,7 +202,7 @@ class TritonServer:
                 return self
             time.sleep(0.25)
         self.stop()
-        raise ServerError(f"tritonserver not ready after {self.startup_timeout:.0f}s:\n{self.log_tail()}")
+        raise LaunchError(f"tritonserver not ready after {self.startup_timeout:.0f}s:\n{self.log_tail()}")
 
     def is_ready(self) -> bool:
         try:

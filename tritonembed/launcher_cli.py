@@ -12,7 +12,7 @@ from pathlib import Path
 
 from tritonembed.cli_options import DEFAULT_MODEL, add_static_shapes_flag, env_default
 from tritonembed.cache import cache_dir
-from tritonembed.errors import ServerError, SpecError
+from tritonembed.errors import LaunchError, SpecError
 from tritonembed.model_repository.configs import GPU_BACKENDS, SPINNING_MODES, ServingOptions
 from tritonembed.spec import SPEC_FILENAME, ModelSpec
 
@@ -77,12 +77,12 @@ def ensure_export(model: str, precision: str, max_length: int | None, name: str 
 
 
 def _serving_options(args: argparse.Namespace):
-    """Raises: ValueError for a bad option value (e.g. --gpu-memory); ServerError for --tensorrt without
+    """Raises: ValueError for a bad option value (e.g. --gpu-memory); LaunchError for --tensorrt without
     --gpu-backend onnxruntime."""
     guard = {"memory_threshold": args.memory_threshold, "memory_limit_file": args.memory_limit_file or ""}
     if args.profile == "gpu":
         if args.tensorrt and args.gpu_backend != "onnxruntime":
-            raise ServerError("--tensorrt applies to Triton's onnxruntime backend: add --gpu-backend onnxruntime")
+            raise LaunchError("--tensorrt applies to Triton's onnxruntime backend: add --gpu-backend onnxruntime")
         return ServingOptions(profile="gpu", max_texts_per_request=64, tokenizer_max_batch=256, encoder_max_batch=64,
                               encoder_instances=args.instances, tensorrt=args.tensorrt,
                               max_queue_size=args.max_queue_size, gpu_backend=args.gpu_backend,
@@ -187,7 +187,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
 def _exports(args: argparse.Namespace) -> list[Path]:
     models = args.models or [DEFAULT_MODEL]
     if args.name and len(models) > 1:
-        raise ServerError("--name applies to a single model")
+        raise LaunchError("--name applies to a single model")
     activations = "float16" if args.profile == "gpu" else "float32"  # int4 on a GPU computes in fp16
     return [ensure_export(m, args.precision, args.max_length, args.name, activations, args.static_shapes)
             for m in models]
@@ -211,18 +211,18 @@ def _raise_stop(signum, frame):  # noqa: ARG001 - signal handler signature
 
 
 def _check_gpu_encoder(gpu_backend: str) -> None:
-    """Raises: ServerError when this environment cannot run the gpu profile's encoder."""
+    """Raises: LaunchError when this environment cannot run the gpu profile's encoder."""
     if gpu_backend == "onnxruntime":
         if not os.environ.get("TRITONEMBED_TRITONSERVER"):
-            raise ServerError("--gpu-backend onnxruntime needs Triton's onnxruntime backend (the NGC tritonserver "
+            raise LaunchError("--gpu-backend onnxruntime needs Triton's onnxruntime backend (the NGC tritonserver "
                               "container): use docker-compose, or set TRITONEMBED_TRITONSERVER to that binary")
         return
     try:  # the Python-backend encoder runs in this environment's onnxruntime (the pip tritonserver is a CUDA build)
         import onnxruntime
     except ImportError as exc:
-        raise ServerError("the gpu profile's encoder needs onnxruntime-gpu: pip install onnxruntime-gpu") from exc
+        raise LaunchError("the gpu profile's encoder needs onnxruntime-gpu: pip install onnxruntime-gpu") from exc
     if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
-        raise ServerError("the gpu profile's encoder needs onnxruntime-gpu (this onnxruntime has "
+        raise LaunchError("the gpu profile's encoder needs onnxruntime-gpu (this onnxruntime has "
                           f"{', '.join(onnxruntime.get_available_providers())}): pip uninstall onnxruntime && "
                           "pip install onnxruntime-gpu")
 
@@ -233,7 +233,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     Returns 0 after SIGTERM / SIGINT.
 
     Raises:
-        ServerError: a taken port, a first start that fails, or (SupervisorGaveUp) a server that kept dying.
+        LaunchError: a taken port, a first start that fails, or (SupervisorGaveUp) a server that kept dying.
     """
     from tritonembed.launcher import TritonServer, ensure_port_free
     from tritonembed.model_repository.assemble import build_repository
@@ -243,7 +243,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         policy = RestartPolicy(args.max_restarts, args.restart_window, args.restart_backoff,
                                max(30.0, args.restart_backoff))
     except ValueError as exc:
-        raise ServerError(f"{exc} (--max-restarts, --restart-window, --restart-backoff)") from exc
+        raise LaunchError(f"{exc} (--max-restarts, --restart-window, --restart-backoff)") from exc
     if args.profile == "gpu":
         _check_gpu_encoder(args.gpu_backend)
     # Fail fast on taken ports, before a possibly long export.
@@ -273,7 +273,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             try:
                 gateway.wait_ready(args.startup_timeout)  # /ready: Triton reachable, models ready (with a key if set)
             except RuntimeError as exc:
-                raise ServerError(str(exc)) from exc
+                raise LaunchError(str(exc)) from exc
         _announce(specs, server, gateway)
         # The gateway keeps running across restarts (it answers 503 while Triton is down).
         Supervisor(server, policy).run()

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tritonembed.errors import ServerError
+from tritonembed.errors import LaunchError
 
 if TYPE_CHECKING:
     from tritonembed.launcher import TritonServer
@@ -38,7 +38,7 @@ SHM_DIR = Path("/dev/shm")
 SHM_PREFIX = "triton_python_backend_shm_region"
 
 
-class SupervisorGaveUp(ServerError):
+class SupervisorGaveUp(LaunchError):
     """tritonserver kept dying: more restarts within the window than the policy allows."""
 
 
@@ -286,7 +286,7 @@ class Supervisor:
                 self._sleep(delay)
                 try:
                     self.server.start()
-                except ServerError as exc:  # its message holds that attempt's own log tail (or the taken port)
+                except LaunchError as exc:  # its message holds that attempt's own log tail (or the taken port)
                     crash = self._reap("failed to restart", str(exc).split("\n", 1)[0], tail=str(exc))
                     continue
                 self.restarts += 1

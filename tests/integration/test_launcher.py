@@ -14,7 +14,7 @@ import openai
 import pytest
 
 from tests.integration.serve_process import group_snapshot, stub_pids
-from tritonembed.errors import ServerError
+from tritonembed.errors import LaunchError
 from tritonembed.launcher import PortInUseError, TritonServer, free_port
 from tritonembed.model_repository.assemble import build_repository
 from tritonembed.model_repository.configs import ServingOptions
@@ -38,7 +38,7 @@ def test_a_server_that_dies_reports_its_log(tmp_path):
     (broken / "1").mkdir(parents=True)
     (broken / "config.pbtxt").write_text('name: "broken"\nbackend: "no_such_backend"\nmax_batch_size: 1\n')
     server = TritonServer(tmp_path / "models", startup_timeout=60)
-    with pytest.raises(ServerError, match="exited with code") as info:
+    with pytest.raises(LaunchError, match="exited with code") as info:
         server.start()
     assert "broken" in str(info.value)  # the log tail names the failing model
     assert not server.is_alive()

@@ -51,20 +51,20 @@ def test_gpu_memory_flags_reach_the_gpu_options_and_bad_values_are_refused():
     assert options.memory_limit_file == "/run/limit" and options.provider == "cuda"
     with pytest.raises(ValueError, match="memory grant"):
         _serving_options(_args("--profile", "gpu", "--gpu-memory", "plenty"))
-    from tritonembed.errors import ServerError
+    from tritonembed.errors import LaunchError
 
-    with pytest.raises(ServerError, match="--gpu-backend onnxruntime"):
+    with pytest.raises(LaunchError, match="--gpu-backend onnxruntime"):
         _serving_options(_args("--profile", "gpu", "--tensorrt"))
 
 
 def test_the_gpu_encoder_check_names_onnxruntime_gpu_where_cuda_is_missing():
     import onnxruntime
 
-    from tritonembed.errors import ServerError
+    from tritonembed.errors import LaunchError
     from tritonembed.launcher_cli import _check_gpu_encoder
 
     if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
         _check_gpu_encoder("python")  # a CUDA build here: the check passes
     else:
-        with pytest.raises(ServerError, match="onnxruntime-gpu"):
+        with pytest.raises(LaunchError, match="onnxruntime-gpu"):
             _check_gpu_encoder("python")

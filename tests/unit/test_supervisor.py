@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tritonembed.errors import ServerError
+from tritonembed.errors import LaunchError
 from tritonembed.supervisor import (
     SHM_DIR,
     SHM_PREFIX,
@@ -191,7 +191,7 @@ class FakeServer:
     def start(self) -> FakeServer:
         self.starts += 1
         if self.starts in self.fail_starts:
-            raise ServerError(f"tritonserver exited with code 1 during startup:\nlog of attempt {self.starts}")
+            raise LaunchError(f"tritonserver exited with code 1 during startup:\nlog of attempt {self.starts}")
         self.lives.pop(0)
         self.polls = 0
         self.process = _Process(100 + self.starts, None)
