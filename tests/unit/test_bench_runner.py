@@ -8,7 +8,8 @@ import copy
 
 import pytest
 
-from tritonembed.benchmarks.bench import parse_variant, quick_config, smoke_config, summarize
+from tritonembed.benchmarks.bench import parse_variant, quick_config, smoke_config
+from tritonembed.benchmarks.summary import summarize
 from tritonembed.benchmarks.cli import bench_config, register
 from tritonembed.benchmarks.loadgen import closed_loop, make_batches, sequential_loop
 from tritonembed.benchmarks.report import BEGIN, END, fmt, render, table, write_report
@@ -227,7 +228,7 @@ def test_int8_throughput_is_a_separate_goal_against_pytorch_fp32():
 
 
 def test_paired_medians_are_taken_per_round_and_feed_the_goals():
-    from tritonembed.benchmarks.bench import summarize_paired
+    from tritonembed.benchmarks.summary import summarize_paired
 
     rounds = [{"ours_corpus_texts_per_s": 100.0, "bare_ort_corpus_texts_per_s": 50.0,
                "bare_ort_planned_corpus_texts_per_s": 100.0, "torch_corpus_texts_per_s": 80.0, "load_1min": 1.0},
