@@ -20,6 +20,7 @@ from tritonembed.client.errors import (
     ServerError,
     Timeout,
 )
+from tritonembed.client.replicas import ReplicatedEmbeddingClient
 from tritonembed.client.sync import EmbeddingClient
 
 __all__ = [
@@ -32,6 +33,7 @@ __all__ = [
     "ModelInfo",
     "ModelNotFound",
     "Overloaded",
+    "ReplicatedEmbeddingClient",
     "RetryPolicy",
     "ServerError",
     "Timeout",

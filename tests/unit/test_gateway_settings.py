@@ -98,3 +98,15 @@ def test_timeouts_limits_and_token_ids_from_env_and_flags():
                                       "--max-connections", "5", "--token-ids", "native", "--model-dir", "/m"])
     s = settings_from_args(args)
     assert (s.header_timeout, s.body_timeout, s.request_deadline, s.max_connections, s.token_ids) == (2.0, 3.0, 4.0, 5, "native")
+
+
+def test_several_triton_urls_are_split_and_checked():
+    settings = GatewaySettings.from_env({"TRITONEMBED_TRITON_URL": "grpc://a:8001, http://b:8000 ,"})
+    assert settings.triton_urls == ["grpc://a:8001", "http://b:8000"]
+    assert GatewaySettings(triton_url="a:8001").triton_urls == ["a:8001"]
+    with pytest.raises(SettingsError, match="twice"):
+        GatewaySettings(triton_url="a:8001,grpc://a:8001")
+    with pytest.raises(SettingsError, match="no Triton URL"):
+        GatewaySettings(triton_url=" , ")
+    with pytest.raises(SettingsError, match="scheme"):
+        GatewaySettings(triton_url="a:8001,ftp://b:1")
