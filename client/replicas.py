@@ -9,7 +9,7 @@ The one owner of "several replicas" in tritonembed: the gateway (``--triton-url 
   healthy one is left), which replicas serve which model.
 - :class:`ReplicatedEmbeddingClient` is the I/O shell: one :class:`~tritonembed.client.AsyncEmbeddingClient`
   per replica, a background task that reads each replica's ready models every ``health_interval`` seconds
-  (and at once after a failed request), and failover: a request whose replica fails before answering
+  (and at once after a failed request; no answer within ``health_timeout`` is down), and failover: a request whose replica fails before answering
   (:class:`ConnectionFailed`, :class:`Overloaded`: the request never reached the model) is sent to another
   replica, since embedding is idempotent.
 """
@@ -28,7 +28,7 @@ import numpy as np
 
 from tritonembed.client.aio import AsyncEmbeddingClient
 from tritonembed.client.core import EmbeddingResult, ModelInfo, RetryPolicy, choose_model
-from tritonembed.client.errors import ConnectionFailed, EmbeddingError, InvalidArgument
+from tritonembed.client.errors import ConnectionFailed, EmbeddingError, InvalidArgument, Timeout
 
 logger = logging.getLogger("tritonembed.client")
 T = TypeVar("T")
@@ -176,9 +176,11 @@ class ReplicatedEmbeddingClient:
     def __init__(self, urls: str | Sequence[str], model: str | None = None, *, protocol: str | None = None,
                  timeout: float = 60.0, max_concurrency: int = 4, batch_size: int | None = None,
                  retry: RetryPolicy | None = None, force_dimensions: bool = False,
-                 headers: dict[str, str] | None = None, health_interval: float = 1.0) -> None:
-        if health_interval <= 0:
-            raise InvalidArgument(f"health_interval must be positive, got {health_interval}")
+                 headers: dict[str, str] | None = None, health_interval: float = 1.0,
+                 health_timeout: float = 5.0) -> None:
+        if health_interval <= 0 or health_timeout <= 0:
+            raise InvalidArgument(f"health_interval and health_timeout must be positive, got {health_interval}, "
+                                  f"{health_timeout}")
         self.clients = [AsyncEmbeddingClient(url, model, protocol=protocol, timeout=timeout,
                                              max_concurrency=max_concurrency, batch_size=batch_size,
                                              retry=RetryPolicy(max_retries=0), force_dimensions=force_dimensions,
@@ -189,7 +191,7 @@ class ReplicatedEmbeddingClient:
             raise InvalidArgument(f"two URLs name the same replica: {addresses}")
         self.policy = ReplicaPolicy(addresses)
         self.retry = retry or RetryPolicy()
-        self.health_interval = health_interval
+        self.health_interval, self.health_timeout = health_interval, health_timeout
         self._model = model
         self._poller: asyncio.Task | None = None
         self._wake: asyncio.Event | None = None
@@ -239,15 +241,16 @@ class ReplicatedEmbeddingClient:
     async def _check(self, i: int) -> list[ModelInfo] | EmbeddingError:
         replica = self.policy.replicas[i]
         try:
-            models = await self.clients[i].models()
+            try:
+                models = await asyncio.wait_for(self.clients[i].models(), self.health_timeout)
+            except asyncio.TimeoutError:  # a hung replica: down, and the other replicas' checks go on
+                raise Timeout(f"no answer to the health check within {self.health_timeout:g} s") from None
         except EmbeddingError as error:
             if self.policy.set_health(replica, False, error=describe_error(error)):
                 logger.warning("Triton replica %s is down (%s)", replica.address, describe_error(error))
             return error
         if self.policy.set_health(replica, True, models=[m.name for m in models]):
             logger.info("Triton replica %s is back (%d models ready)", replica.address, len(models))
-        else:
-            replica.models = frozenset(m.name for m in models)
         return models
 
     def backend_stats(self) -> list[dict[str, Any]]:

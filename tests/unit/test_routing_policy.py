@@ -278,3 +278,24 @@ def test_backend_metrics_are_labelled_by_address():
     assert 'tritonembed_gateway_backend_failures_total{backend="10.0.0.1:8001"} 2' in text
     assert 'tritonembed_gateway_backend_requests_in_flight{backend="10.0.0.1:8001"} 1' in text
     assert 'tritonembed_gateway_backend_healthy{backend="10.0.0.1:8001"} 0' in text
+
+
+def test_a_hung_replica_is_marked_down_by_the_health_timeout():
+    a, b = StandIn(1.0), StandIn(2.0)
+
+    async def hang():
+        await asyncio.sleep(30)
+
+    a.models = hang
+    client = replicated({0: a, 1: b}, 2, health_timeout=0.1)
+
+    async def main():
+        try:
+            names = [m.name for m in await client.models()]
+            return names, [await client.embed(["t"], model="m") for _ in range(3)]
+        finally:
+            await client.close()
+
+    names, vectors = asyncio.run(main())
+    assert names == ["m"] and all(np.all(v == 2.0) for v in vectors) and a.calls == 0
+    assert [s["healthy"] for s in client.backend_stats()] == [0, 1]
