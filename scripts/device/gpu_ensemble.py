@@ -249,10 +249,30 @@ def tokenizer_of(export: Path) -> Any:
     return SpecTokenizer(export / spec.tokenizer_file, spec)
 
 
-def token_ids(export: Path, texts: Sequence[str]) -> list[list[int]]:
+def checkpoint_tokenizer(args: argparse.Namespace, shape: str) -> Any:
+    """The served tokenizer of ``shape`` from its export, or from the checkpoint and the spec the build will write
+    (so the torch phase can start while the build still traces and converts)."""
+    export = export_dir(args, shape, args.precisions[0])
+    if (export / "report.json").is_file():
+        return tokenizer_of(export)
+    from tritonembed.export.families import ExportOptions, family_for
+    from tritonembed.model_repository.tokenization import SpecTokenizer
+
+    checkpoint = shape_dir(args, shape) / "checkpoint"
+    config = json.loads((checkpoint / "config.json").read_text())
+    spec = family_for(config).make_spec(checkpoint, f"random-qwen3:{shape}", config,
+                                        ExportOptions(args.precisions[0], args.max_length,
+                                                      model_name(shape, args.precisions[0])))
+    return SpecTokenizer(checkpoint / spec.tokenizer_file, spec)
+
+
+def ids_of(tok: Any, texts: Sequence[str]) -> list[list[int]]:
     """The ids the served tokenizer gives (EOS appended, truncated at the spec's max_length)."""
-    tok = tokenizer_of(export)
     return tok.encode(tok.format(list(texts))).ids
+
+
+def token_ids(export: Path, texts: Sequence[str]) -> list[list[int]]:
+    return ids_of(tokenizer_of(export), texts)
 
 
 # --- phase: build -------------------------------------------------------------------------------
@@ -276,8 +296,9 @@ def build_shape(args: argparse.Namespace, shape: str) -> dict[str, Any]:
     started = time.perf_counter()
     out = shape_dir(args, shape)
     checkpoint = out / "checkpoint"
-    if not (checkpoint / "config.json").is_file():
+    if not (checkpoint / "DONE").is_file():
         create_random_qwen3(checkpoint, shape=shape, seed=0, dtype=args.checkpoint_dtype)
+        (checkpoint / "DONE").touch()  # the torch phase may start on it
     timings: dict[str, Any] = {"checkpoint_s": round(time.perf_counter() - started, 1)}
     config = json.loads((checkpoint / "config.json").read_text())
     family = family_for(config)
@@ -433,13 +454,11 @@ def mfu_fields(shape: str, rows: int, length: int, seconds: float) -> dict[str, 
 def torch_shape(args: argparse.Namespace, shape: str, texts: dict[str, list[str]], rec: Recorder) -> None:
     """PyTorch SDPA per dtype on the workload and the fixed shape; the first dtype's vectors become the reference
     (workload rows, long rows, the longest text) in ``reference.npz``."""
-    anyexport = export_dir(args, shape, args.precisions[0])
-    from tritonembed.spec import ModelSpec
-
-    pad_id = ModelSpec.load(anyexport).pad_token_id
-    mixed = token_ids(anyexport, texts["mixed"])
-    long_rows = token_ids(anyexport, long_texts(args.long_tokens, args.long_rows)) if shape == args.caps_shape else []
-    longest = token_ids(anyexport, long_texts(args.longest_tokens, 1)) if shape == args.caps_shape else []
+    tok = checkpoint_tokenizer(args, shape)
+    pad_id = tok.spec.pad_token_id
+    mixed = ids_of(tok, texts["mixed"])
+    long_rows = ids_of(tok, long_texts(args.long_tokens, args.long_rows)) if shape == args.caps_shape else []
+    longest = ids_of(tok, long_texts(args.longest_tokens, 1)) if shape == args.caps_shape else []
     device = "cuda" if args.provider == "cuda" else "cpu"
     rows, length = args.fixed
     for n, dtype in enumerate(args.torch_dtypes):

@@ -8,14 +8,16 @@
 #       (checkpoint, fp32 trace, fp16, then int4) in the background (setsid: it outlives the call)
 #   call 2, carry [".gpu/b"]:  bash scripts/device/gpu_ensemble_run.sh run [STEPS]
 #       unpacks tritonserver, perf_analyzer, numpy 1.26 (for the stub only) and the gateway's packages, checks
-#       them (ldd of the stub and server, an ORT CUDA session under the stub's PYTHONPATH, the imports), waits
-#       for the build, then runs STEPS in priority order, each bounded by what is left of $BUDGET seconds.
+#       them (ldd of the stub and server, numpy<2 and the CUDA provider under the stub's PYTHONPATH, the imports),
+#       then runs STEPS in priority order, each once the build has written what it needs (torch: the checkpoint;
+#       the fp16 steps: the fp16 export), each bounded by what is left of $BUDGET seconds.
 #       Results: $OUT/gpu-ensemble.json (one JSON), $OUT/gpu-ensemble.log, $OUT/logs.tar.gz (server logs).
 #   Steps (comma-separated; default all, in this order): torch, serve-fp16, cap-fp16-24, cap-int4-12, serve-int4,
 #   cap-fp16-16. A failed step is recorded and the next one runs; rerun one alone with `run serve-fp16`.
 #   Without call 1 on this machine (a fresh one), `run` exits 3 at once, saying so.
 # Here (no GPU):  scripts/device/gpu_ensemble_run.sh dry-run OUT_DIR [STEPS]  -- the same steps on the CPU provider and
-#   the tiny shape, with the payload's layout in $G if staged there (tests/integration/test_gpu_ensemble_dryrun.py).
+#   the tiny shape, with tritonserver and perf_analyzer from the parts in $GPU_ENSEMBLE_PAYLOAD if it holds them
+#   (tests/integration/test_gpu_ensemble_dryrun.py packs them there), else the pip ones.
 # Build the payload first: scripts/device/build_payload.sh (writes .gpu/a and .gpu/b, prints their sizes).
 set -u
 MODE=${1:-run}
@@ -26,6 +28,7 @@ G=${GPU_ENSEMBLE_DIR:-/tmp/gpe}
 W=${GPU_ENSEMBLE_WORK:-/tmp/gpe-work}
 PY=${PY:-python3}
 BUDGET=${BUDGET:-540}
+P=${GPU_ENSEMBLE_PAYLOAD:-$R/.gpu}  # the parts a/ and b/ (build_payload.sh)
 T0=$(date +%s)
 el() { echo "[+$(( $(date +%s) - T0 ))s] $*"; }
 left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
@@ -34,7 +37,7 @@ mkdir -p "$G" "$W"
 unpack() {  # unpack every carried part not yet unpacked on this machine
   local part f name
   for part in a b; do
-    for f in "$R"/.gpu/$part/*.tar.xz; do
+    for f in "$P"/$part/*.tar.xz; do
       [ -f "$f" ] || continue
       name=$(basename "$f" .tar.xz)
       if [ ! -f "$G/$name/.done" ]; then
@@ -55,6 +58,7 @@ fi
 
 if [ "$MODE" = dry-run ]; then
   mkdir -p "$OUT"
+  unpack || { echo "UNPACK FAILED"; exit 2; }  # whatever parts $P holds (the test packs tritonserver and perf_analyzer)
   [ -x "$G/triton/pytriton/tritonserver/bin/tritonserver" ] && export TRITONEMBED_TRITONSERVER=$G/triton/pytriton/tritonserver/bin/tritonserver
   [ -x "$G/perf/perf_analyzer" ] && export TRITONEMBED_PERF_ANALYZER=$G/perf/perf_analyzer
   export PYTHONPATH=$G/te${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 GPU_ENSEMBLE_SERVER_PYTHONPATH=$G/te
@@ -133,12 +137,10 @@ if [ "$MODE" = run ]; then
   if [ $PREFLIGHT != ok ]; then  # no server can run: measure what needs none (PyTorch), then stop
     echo "running the torch step only"; STEPS=torch
   fi
-  el "preflight $PREFLIGHT; waiting for the build"
-  while [ ! -f "$W/build.finished" ] && [ ! -f "$W/$SHAPE/exports/fp16/report.json" ] && [ "$(left)" -gt 60 ]; do sleep 5; done
-  tail -3 "$W/build.log" 2>/dev/null
+  el "preflight $PREFLIGHT"
 fi
 
-COMMON=(--shapes $SHAPE --caps-shape $SHAPE --workdir "$W" --texts-file "${TEXTS:-$R/.gpu/b/texts.json}" -o "$OUT/gpu-ensemble.json")
+COMMON=(--shapes $SHAPE --caps-shape $SHAPE --workdir "$W" --texts-file "${TEXTS:-$P/b/texts.json}" -o "$OUT/gpu-ensemble.json")
 step() {  # step NAME PHASES PRECISIONS [extra]: one driver invocation bounded by what is left
   local name=$1 phases=$2 precisions=$3; shift 3
   local budget; budget=$(left)
@@ -147,9 +149,12 @@ step() {  # step NAME PHASES PRECISIONS [extra]: one driver invocation bounded b
   timeout $((budget + 30)) "${DRIVER[@]}" run --phases "$phases" --precisions "$precisions" --deadline-s "$budget" \
     "${COMMON[@]}" "${SMALL[@]}" "$@" 2>&1 | grep -v "^INFO\|quantiz" | tee -a "$OUT/gpu-ensemble.log" | grep "gpu_ensemble"
 }
-wait_int4() {
-  while [ ! -f "$W/$SHAPE/exports/int4/report.json" ] && [ ! -f "$W/build.finished" ] && [ "$(left)" -gt 60 ]; do sleep 5; done
+wait_for() {  # wait_for FILE: what the background build writes when a product is complete (or the build ends)
+  [ -f "$1" ] || el "waiting for $1"
+  while [ ! -f "$1" ] && [ ! -f "$W/build.finished" ] && [ "$(left)" -gt 60 ]; do sleep 5; done
+  [ -f "$1" ] || tail -5 "$W/build.log" 2>/dev/null
 }
+CKPT=$W/$SHAPE/checkpoint/DONE FP16=$W/$SHAPE/exports/fp16/report.json INT4=$W/$SHAPE/exports/int4/report.json
 if [ "$MODE" = dry-run ]; then  # no background build here: the two builds in the foreground, in the same order
   "${BUILD[@]}" --precisions fp16 "${SMALL[@]}" -o "$W/build-fp16.json" > "$OUT/build.log" 2>&1 \
     && "${BUILD[@]}" --precisions int4 "${SMALL[@]}" -o "$W/build-int4.json" >> "$OUT/build.log" 2>&1 \
@@ -158,12 +163,12 @@ fi
 IFS=, read -r -a WANT <<< "$STEPS"
 for s in "${WANT[@]}"; do
   case $s in
-    torch) step torch torch fp16 ;;
-    serve-fp16) step serve-fp16 serve fp16 ;;
-    cap-fp16-24) step cap-fp16-24 caps fp16 --caps $CAPS_FP16_24 ;;
-    cap-int4-12) wait_int4; step cap-int4-12 caps int4 --caps $CAPS_INT4_12 ;;
-    serve-int4) wait_int4; step serve-int4 serve int4 ;;
-    cap-fp16-16) step cap-fp16-16 caps fp16 --caps $CAPS_FP16_16 ;;
+    torch) wait_for "$CKPT"; step torch torch fp16 ;;  # needs only the checkpoint: it overlaps the trace
+    serve-fp16) wait_for "$FP16"; step serve-fp16 serve fp16 ;;
+    cap-fp16-24) wait_for "$FP16"; step cap-fp16-24 caps fp16 --caps $CAPS_FP16_24 ;;
+    cap-int4-12) wait_for "$INT4"; step cap-int4-12 caps int4 --caps $CAPS_INT4_12 ;;
+    serve-int4) wait_for "$INT4"; step serve-int4 serve int4 ;;
+    cap-fp16-16) wait_for "$FP16"; step cap-fp16-16 caps fp16 --caps $CAPS_FP16_16 ;;
     *) echo "unknown step $s"; exit 2 ;;
   esac
 done

@@ -12,7 +12,7 @@ perf_analyzer and no network, and each call there carries at most 64 MiB. Comman
 - ``site DEST WHEEL...``: wheels unpacked into one folder for ``PYTHONPATH`` (data folders, tests and
   bytecode dropped); ``--ort-keep-sm 90`` prunes onnxruntime-gpu's CUDA kernels to that GPU generation
   (:mod:`prune_fatbin`) and drops its TensorRT provider and C API library.
-- ``pack SRC OUT``: ``tar | xz -9e`` of a staged folder, with its size.
+- ``pack SRC OUT``: ``tar | xz -9e`` of a staged folder (``--level``), with its size.
 
 Raises (as a non-zero exit): a file named above is missing, or a needed library is not bundled.
 """
@@ -139,11 +139,11 @@ def stage_site(dest: Path, wheels: list[Path], ort_keep_sm: str | None) -> None:
         so.chmod(0o755)
 
 
-def pack(src: Path, out: Path) -> None:
+def pack(src: Path, out: Path, level: str = "9e") -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "wb") as f:
         tar = subprocess.Popen(["tar", "-C", str(src), "-cf", "-", "."], stdout=subprocess.PIPE)
-        subprocess.run(["xz", "-9e", "-T", str(os.cpu_count() or 1), "-c"], stdin=tar.stdout, stdout=f, check=True)
+        subprocess.run(["xz", f"-{level}", "-T", str(os.cpu_count() or 1), "-c"], stdin=tar.stdout, stdout=f, check=True)
         if tar.wait() != 0:
             raise PayloadError(f"tar of {src} failed")
     log.info("%s: %.1f MiB", out, out.stat().st_size / 2**20)
@@ -166,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     k = sub.add_parser("pack")
     k.add_argument("src", type=Path)
     k.add_argument("out", type=Path)
+    k.add_argument("--level", default="9e", help="xz preset (0 = fast, for tests)")
     args = p.parse_args(argv)
     try:
         if args.command == "triton":
@@ -175,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "site":
             stage_site(args.dest, args.wheels, args.ort_keep_sm)
         else:
-            pack(args.src, args.out)
+            pack(args.src, args.out, args.level)
     except PayloadError as exc:
         log.error("%s", exc)
         return 2

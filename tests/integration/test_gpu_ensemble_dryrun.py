@@ -2,10 +2,10 @@
 
 The same shell script and driver (scripts/device/gpu_ensemble.py) as on the GPU machine, every step in the
 same order (build fp16 then int4, torch, serve-fp16, the caps, serve-int4), on the tiny Qwen3 shape with small
-sizes; tritonserver and perf_analyzer are staged by scripts/device/payload.py in the payload's layout (the
-server with only the bundled libraries the payload keeps), so a missing library or a script error shows here,
-not on device minutes. What it cannot cover: the CUDA provider, KIND_GPU, NVML, the cp312 wheels and the
-unpacking of the xz parts (built by scripts/device/build_payload.sh).
+sizes; tritonserver and perf_analyzer are staged and packed by scripts/device/payload.py as part b is, and unpacked by
+the run script (the server with only the bundled libraries the payload keeps), so a missing library or a script
+error shows here, not on device minutes. What it cannot cover: the CUDA provider, KIND_GPU, NVML, the cp312
+wheels and the 3.12 stub (scripts/device/build_payload.sh builds those parts; call 2's preflight checks them).
 """
 
 from __future__ import annotations
@@ -29,12 +29,15 @@ PY = f"{sys.version_info.major}.{sys.version_info.minor}"
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory) -> tuple[dict, str, Path]:
     root = tmp_path_factory.mktemp("gpu-ensemble")
-    payload = root / "payload"
+    stage, parts, payload = root / "stage", root / "parts", root / "unpacked"
     for part, extra in (("triton", ["--python", PY]), ("perf", [])):
-        subprocess.run([sys.executable, str(PAYLOAD), part, str(payload / part), *extra], check=True, timeout=120)
+        subprocess.run([sys.executable, str(PAYLOAD), part, str(stage / part), *extra], check=True, timeout=120)
+        # packed as build_payload.sh packs part b (a fast xz level), unpacked by the run script
+        subprocess.run([sys.executable, str(PAYLOAD), "pack", str(stage / part), str(parts / "b" / f"{part}.tar.xz"),
+                        "--level", "0"], check=True, timeout=300)
     out = root / "out"
     env = {**os.environ, "GPU_ENSEMBLE_DIR": str(payload), "GPU_ENSEMBLE_WORK": str(root / "work"),
-           "PY": sys.executable}
+           "GPU_ENSEMBLE_PAYLOAD": str(parts), "PY": sys.executable}
     proc = subprocess.run(["bash", str(SCRIPT), "dry-run", str(out)], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=900, check=False)
     log = proc.stdout + proc.stderr
@@ -43,7 +46,8 @@ def dry_run(tmp_path_factory) -> tuple[dict, str, Path]:
 
 
 def test_the_staged_server_is_the_payload_one_with_only_the_kept_libraries(dry_run):
-    data, _, payload = dry_run
+    data, log, payload = dry_run
+    assert "unpacked triton" in log and "unpacked perf" in log
     kept = {p.name for p in (payload / "triton" / "nvidia_pytriton.libs").iterdir()}
     assert not any(name.startswith("libpython3") for name in kept)  # the wheel's 3.13 copy is dropped
     assert (payload / "triton" / "pytriton" / "tritonserver" / "backends" / "python" / "triton_python_backend_stub").is_file()
