@@ -69,13 +69,13 @@ def infer_inputs(module: ModuleType, tensors: Sequence[TensorData]) -> list[Any]
     return inputs
 
 
-def requested_outputs(module: ModuleType) -> list[Any]:
-    return [module.InferRequestedOutput(EMBEDDING_OUTPUT_NAME), module.InferRequestedOutput(TOKEN_COUNT.name)]
+def requested_outputs(module: ModuleType, output_name: str = EMBEDDING_OUTPUT_NAME) -> list[Any]:
+    return [module.InferRequestedOutput(output_name), module.InferRequestedOutput(TOKEN_COUNT.name)]
 
 
-def output_arrays(result: Any) -> tuple[Any, Any]:
-    """``(EMBEDDING, TOKEN_COUNT)`` from an ``InferResult`` (None where an output is missing)."""
-    return result.as_numpy(EMBEDDING_OUTPUT_NAME), result.as_numpy(TOKEN_COUNT.name)
+def output_arrays(result: Any, output_name: str = EMBEDDING_OUTPUT_NAME) -> tuple[Any, Any]:
+    """``(output, TOKEN_COUNT)`` from an ``InferResult`` (None where an output is missing)."""
+    return result.as_numpy(output_name), result.as_numpy(TOKEN_COUNT.name)
 
 
 def config_kwargs(protocol: str) -> dict[str, Any]:

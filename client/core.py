@@ -32,7 +32,6 @@ from tritonembed.client.errors import (
 from tritonembed.errors import SpecError
 from tritonembed.text_rules import is_blank
 from tritonembed.spec import (
-    EMBEDDING_OUTPUT_NAME,
     INSTRUCTION,
     SPEC_PARAMETER_KEY,
     TEXT,
@@ -342,6 +341,11 @@ class EmbedPlan:
     def size(self) -> int:
         return len(self.texts)
 
+    @property
+    def output_name(self) -> str:
+        """The served tensor holding the vectors, as the model's spec declares it."""
+        return self.info.spec.output("embedding").name
+
     def chunk_inputs(self, k: int) -> list[TensorData]:
         """The input tensors of chunk ``k``. Optional inputs are sent only when they differ from
         the server's default (no instruction, truncation on)."""
@@ -382,12 +386,12 @@ class EmbedPlan:
         rows = len(self.chunks[k])
         hidden = self.info.spec.hidden_size
         if embedding is None or token_count is None:
-            missing = EMBEDDING_OUTPUT_NAME if embedding is None else TOKEN_COUNT.name
+            missing = self.output_name if embedding is None else TOKEN_COUNT.name
             raise ServerError(f"model {self.info.name!r} returned no {missing} output")
         embedding = np.asarray(embedding)
         if embedding.shape != (rows, hidden):
             raise ServerError(
-                f"model {self.info.name!r} returned {EMBEDDING_OUTPUT_NAME} of shape {embedding.shape}, expected {(rows, hidden)}"
+                f"model {self.info.name!r} returned {self.output_name} of shape {embedding.shape}, expected {(rows, hidden)}"
             )
         counts = np.asarray(token_count).reshape(-1)
         if counts.shape != (rows,):

@@ -335,7 +335,7 @@ class EmbeddingClient:
     def _infer_chunk(self, plan: EmbedPlan, k: int) -> tuple[np.ndarray, np.ndarray]:
         module = self._module
         inputs = _transport.infer_inputs(module, plan.chunk_inputs(k))
-        outputs = _transport.requested_outputs(module)
+        outputs = _transport.requested_outputs(module, plan.output_name)
         try:
             result = self._retrying(
                 f"request {k + 1}/{len(plan.chunks)} to {plan.info.name!r}",
@@ -346,4 +346,4 @@ class EmbeddingClient:
             if located is error:
                 raise
             raise located from error.__cause__
-        return plan.read_outputs(k, *_transport.output_arrays(result))
+        return plan.read_outputs(k, *_transport.output_arrays(result, plan.output_name))

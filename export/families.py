@@ -66,6 +66,9 @@ class ModelFamily(ABC):
     # "unfused" is the traced MatMul -> Softmax -> MatMul (memory grows with length squared); "gqa" one
     # GroupQueryAttention node per layer (:mod:`tritonembed.export.attention`, memory linear in length).
     attention: ClassVar[str] = "unfused"
+    # A causal decoder backbone (declared, never inferred from the pooling).
+    decoder: ClassVar[bool] = False
+    task: ClassVar[str] = "embed"
 
     @classmethod
     def matches(cls, config: dict[str, Any]) -> bool:
@@ -110,6 +113,7 @@ class Qwen3Family(ModelFamily):
     padding_layouts = ("left", "right", "mixed")
     fp32_atol = 1e-4
     attention = "gqa"
+    decoder = True
     EOS_ID = 151643
     DEFAULT_MAX_LENGTH = 8192
     MAX_SUPPORTED_LENGTH = 32768
@@ -140,6 +144,8 @@ class Qwen3Family(ModelFamily):
             default_query_instruction=self.DEFAULT_INSTRUCTION,
             append_eos=True,
             extra={"random_weights": self.is_random_weights(config)},
+            task=self.task,
+            decoder=self.decoder,
         )
 
     def reference_embed(self, path: Path, texts: Sequence[str], spec: ModelSpec) -> np.ndarray:
@@ -231,6 +237,8 @@ class BertLikeFamily(ModelFamily):
             default_query_instruction="query" if query_prefix else "",
             append_eos=False,
             extra={"random_weights": self.is_random_weights(config)},
+            task=self.task,
+            decoder=self.decoder,
         )
 
     def reference_embed(self, path: Path, texts: Sequence[str], spec: ModelSpec) -> np.ndarray:

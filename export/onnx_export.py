@@ -36,14 +36,17 @@ def build_pooled_encoder(backbone, spec: ModelSpec, attention: str = "unfused"):
     if attention not in ATTENTION_FORMS:
         raise ExportError(f"unknown attention form {attention!r}; choose one of {', '.join(ATTENTION_FORMS)}")
     if attention == "gqa":
-        if spec.pooling != "last_token":
-            raise ExportError(f"GroupQueryAttention is causal: it needs last-token pooling, not {spec.pooling}")
+        if not spec.decoder or spec.pooling != "last_token":
+            raise ExportError(f"GroupQueryAttention is causal: it needs a decoder with last-token pooling, not {spec.pooling}")
         from tritonembed.export.attention import build_fused_qwen3_encoder
 
         return build_fused_qwen3_encoder(backbone, normalize=spec.normalize)
 
+    from tritonembed.export.heads import head_fn, pooling_fn
+
     needs_token_types = "token_type_ids" in backbone.forward.__code__.co_varnames
-    is_decoder = spec.pooling == "last_token"
+    pool = pooling_fn(spec.pooling)
+    heads = [head_fn(out.head) for out in spec.outputs]
 
     class PooledEncoder(torch.nn.Module):
         def __init__(self) -> None:
@@ -54,27 +57,17 @@ def build_pooled_encoder(backbone, spec: ModelSpec, attention: str = "unfused"):
             kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
             if needs_token_types:
                 kwargs["token_type_ids"] = torch.zeros_like(input_ids)
-            if is_decoder:
+            if spec.decoder:
                 kwargs["use_cache"] = False
-            hidden = self.backbone(**kwargs).last_hidden_state
-            if spec.pooling == "last_token":
-                positions = torch.arange(attention_mask.shape[1], device=hidden.device).unsqueeze(0) * attention_mask
-                last = positions.argmax(dim=1)
-                pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-            elif spec.pooling == "cls":
-                pooled = hidden[:, 0]
-            else:
-                mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-                pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
-            if spec.normalize:
-                pooled = torch.nn.functional.normalize(pooled, p=2.0, dim=1)
-            return pooled
+            pooled = pool(self.backbone(**kwargs).last_hidden_state, attention_mask)
+            outs = tuple(h(pooled, spec, self.backbone) for h in heads)
+            return outs[0] if len(outs) == 1 else outs
 
     return PooledEncoder().eval()
 
 
 def export_onnx(encoder, output: Path, *, example_length: int = 16, static_shapes: bool = True,
-                graph_report: dict[str, Any] | None = None) -> Path:
+                graph_report: dict[str, Any] | None = None, output_names: tuple[str, ...] = (ENCODER_EMBEDDING_NAME,)) -> Path:
     """Trace ``encoder`` to ``output`` (dynamic batch and sequence axes), one external-data file if > 2 GB.
 
     With ``static_shapes``, the traced shape arithmetic is replaced by constants where that is provably
@@ -104,11 +97,11 @@ def export_onnx(encoder, output: Path, *, example_length: int = 16, static_shape
                 (ids, mask),
                 str(staged),
                 input_names=[INPUT_IDS.name, ATTENTION_MASK.name],
-                output_names=[ENCODER_EMBEDDING_NAME],
+                output_names=list(output_names),
                 dynamic_axes={
                     INPUT_IDS.name: {0: "batch", 1: "sequence"},
                     ATTENTION_MASK.name: {0: "batch", 1: "sequence"},
-                    ENCODER_EMBEDDING_NAME: {0: "batch"},
+                    **{name: {0: "batch"} for name in output_names},
                 },
                 opset_version=ONNX_OPSET,
                 do_constant_folding=True,

@@ -194,7 +194,7 @@ def _export_into(staging: Path, resolved: ResolvedModel, family: ModelFamily, sp
     log.info("exporting %s to ONNX (fp32)", resolved.model_id)
     backbone = family.load_backbone(resolved.path)
     export_onnx(build_pooled_encoder(backbone, spec, family.attention), fp32_path, static_shapes=static_shapes,
-                graph_report=report.graph)
+                graph_report=report.graph, output_names=tuple(t.name for t in spec.encoder_outputs))
     del backbone
 
     reference = family.reference_embed(resolved.path, PROBE_TEXTS, spec)

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from tritonembed.model_repository.tokenization import SpecTokenizer, pad_batch
-from tritonembed.spec import ENCODER_EMBEDDING_NAME, ModelSpec, encoder_inputs
+from tritonembed.spec import ModelSpec, encoder_inputs
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +58,10 @@ class OnnxEncoder:
         options.log_severity_level = 3
         self.session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
         self.tokenizer = tokenizer
+        self.output_name = tokenizer.spec.outputs[0].encoder_name
 
     def run_ids(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        return self.session.run([ENCODER_EMBEDDING_NAME], {"input_ids": input_ids, "attention_mask": attention_mask})[0]
+        return self.session.run([self.output_name], {"input_ids": input_ids, "attention_mask": attention_mask})[0]
 
     def embed(self, texts: Sequence[str], padding_side: str | None = None, batch_size: int = 32) -> np.ndarray:
         out = []
@@ -80,8 +81,9 @@ def check_signature(encoder: OnnxEncoder, spec: ModelSpec) -> list[str]:
     if got_inputs != want_inputs:
         failures.append(f"graph inputs {got_inputs} != spec {want_inputs}")
     got_outputs = [(o.name, o.type) for o in encoder.session.get_outputs()]
-    if got_outputs != [(ENCODER_EMBEDDING_NAME, "tensor(float)")]:
-        failures.append(f"graph outputs {got_outputs} != [('{ENCODER_EMBEDDING_NAME}', 'tensor(float)')]")
+    want_outputs = [(t.name, "tensor(float)") for t in spec.encoder_outputs]
+    if got_outputs != want_outputs:
+        failures.append(f"graph outputs {got_outputs} != spec {want_outputs}")
     return failures
 
 

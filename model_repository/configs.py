@@ -20,8 +20,6 @@ from dataclasses import dataclass, field
 
 from tritonembed.spec import (
     ATTENTION_MASK,
-    EMBEDDING_OUTPUT_NAME,
-    ENCODER_EMBEDDING_NAME,
     INPUT_IDS,
     SPEC_PARAMETER_KEY,
     TOKEN_COUNT,
@@ -194,6 +192,7 @@ def tokenizer_outputs() -> tuple[TensorSpec, ...]:
 def ensemble_config(spec: ModelSpec, options: ServingOptions) -> str:
     ins = ensemble_inputs()
     tok_in = "\n".join(f'      input_map {{ key: "{t.name}" value: "{t.name}" }}' for t in ins)
+    encoder_out = "\n".join(f'      output_map {{ key: "{o.encoder_name}" value: "{o.name}" }}' for o in spec.outputs)
     return f"""name: {pbtxt_string(spec.name)}
 platform: "ensemble"
 max_batch_size: {options.max_texts_per_request}
@@ -214,7 +213,7 @@ ensemble_scheduling {{
       model_version: -1
       input_map {{ key: "{INPUT_IDS.name}" value: "{_IDS}" }}
       input_map {{ key: "{ATTENTION_MASK.name}" value: "{_MASK}" }}
-      output_map {{ key: "{ENCODER_EMBEDDING_NAME}" value: "{EMBEDDING_OUTPUT_NAME}" }}
+{encoder_out}
     }}
   ]
 }}

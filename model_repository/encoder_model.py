@@ -47,6 +47,8 @@ class TritonPythonModel:
         device_id = int(args.get("model_instance_device_id", "0") or 0)
         directory = version_dir(args)
         self.spec = ModelSpec.load(directory)
+        # the encoder serves the spec's declared output (one per model today)
+        self.output_name = self.spec.outputs[0].encoder_name
         self.max_tokens = int(params.get("max_tokens_per_batch", ServingOptions.max_tokens_per_batch))
         self.max_rows = int(json.loads(args["model_config"]).get("max_batch_size", 256))
         threads = int(params.get("intra_op_threads", "0"))
@@ -71,13 +73,13 @@ class TritonPythonModel:
         self.pool = None
         if workers > 1:  # several micro-batches side by side, one thread each (microbatch_pool)
             single_session = cpu_session(ort, model_path, 1)
-            self.pool = MicroBatchPool(lambda ids, mask: run_encoder(single_session, ids, mask), workers)
+            self.pool = MicroBatchPool(lambda ids, mask: run_encoder(single_session, ids, mask, self.output_name), workers)
         self.fallback = None
         if fallback_path is not None:  # a higher precision of the same checkpoint
             fallback_session = (cuda_session(ort, fallback_path, device_id,
                                              model_bytes(fallback_path) + self.budget.activation_bytes)
                                 if provider == "cuda" else cpu_session(ort, fallback_path, threads, spinning))
-            self.fallback = lambda ids, mask: run_encoder(fallback_session, ids, mask)
+            self.fallback = lambda ids, mask: run_encoder(fallback_session, ids, mask, self.output_name)
         self.longest_text = self.budget.longest_text(self.spec.max_length)
         self.guard = MemoryGuard(float(params.get("memory_threshold", _DEFAULTS.memory_threshold)),
                                  limit_file=params.get("memory_limit_file") or None, device=provider,
@@ -103,7 +105,7 @@ class TritonPythonModel:
                  self.max_tokens, workers, self.budget.describe(), self.longest_text, fallback_file or "none")
 
     def _run(self, input_ids, attention_mask):
-        return run_encoder(self.session, input_ids, attention_mask)
+        return run_encoder(self.session, input_ids, attention_mask, self.output_name)
 
     def _shed(self) -> str | None:
         """The guard's message when new work must wait, else None (and the gauges follow a fresh reading)."""
@@ -144,7 +146,7 @@ class TritonPythonModel:
         self.counters.add("encoder_nonfinite_rows", stats.nonfinite_rows)
         self.counters.add("encoder_recomputed_rows", stats.recomputed_rows)
         return [error_response(str(out)) if isinstance(out, EncoderRowError)
-                else pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(ENCODER_EMBEDDING_NAME, out)])
+                else pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(self.output_name, out)])
                 for out in outputs]
 
     def finalize(self):
@@ -188,9 +190,9 @@ class Gauges:
             log.exception("could not set gauge %s", key)
 
 
-def run_encoder(session, input_ids, attention_mask):
-    """One micro-batch through an ONNX Runtime session: the embedding rows."""
-    return session.run([ENCODER_EMBEDDING_NAME], {INPUT_IDS.name: input_ids, ATTENTION_MASK.name: attention_mask})[0]
+def run_encoder(session, input_ids, attention_mask, output_name: str = ENCODER_EMBEDDING_NAME):
+    """One micro-batch through an ONNX Runtime session: the rows of its (declared) output."""
+    return session.run([output_name], {INPUT_IDS.name: input_ids, ATTENTION_MASK.name: attention_mask})[0]
 
 
 def cuda_session(ort, model_path, device_id: int, mem_limit: int | None = None):

@@ -18,7 +18,9 @@ from typing import Any
 from tritonembed.errors import SpecError
 
 SPEC_FILENAME = "tritonembed.json"
-SPEC_SCHEMA_VERSION = 1
+SPEC_SCHEMA_VERSION = 2
+#: Schema 1 (one implicit embedding output, no task) still loads, as task ``embed``.
+READABLE_SCHEMA_VERSIONS = (1, 2)
 
 # Triton datatype name -> numpy dtype name. BYTES is numpy object (bytes).
 TRITON_TO_NUMPY = {
@@ -86,7 +88,66 @@ SPEC_PARAMETER_KEY = "tritonembed_spec"
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
 #: What an int4 model computes in between its 4-bit weights: float32 (CPU) or float16 (GPU).
 INT4_ACTIVATIONS = ("float32", "float16")
+#: How one row's vector is taken from the backbone's hidden states (torch code: tritonembed.export.heads).
 POOLINGS = ("last_token", "mean", "cls")
+#: What a served model does: ``embed`` (texts -> vectors) or ``rerank`` (query, document -> relevance score).
+TASKS = ("embed", "rerank")
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """A declared head: what the encoder computes from a pooled row, under which names, for which task.
+
+    ``width`` is ``"hidden"`` (one value per hidden unit) or ``"scalar"`` (one value per row).
+    """
+
+    name: str
+    task: str
+    output_name: str
+    encoder_name: str
+    width: str
+
+
+# The heads the stack serves; the torch side of each is in tritonembed.export.heads under the same name.
+HEADS: dict[str, HeadSpec] = {h.name: h for h in (
+    HeadSpec("embedding", "embed", EMBEDDING_OUTPUT_NAME, ENCODER_EMBEDDING_NAME, "hidden"),
+)}
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    """One declared output of a served model: the head computing it and its per-row dims."""
+
+    head: str
+    dims: tuple[int, ...]
+    dtype: str = "FP32"
+
+    def __post_init__(self) -> None:
+        if self.head not in HEADS:
+            raise SpecError(f"output head {self.head!r} is not one of {tuple(HEADS)}")
+
+    @property
+    def name(self) -> str:
+        """The ensemble's (served) tensor name."""
+        return HEADS[self.head].output_name
+
+    @property
+    def encoder_name(self) -> str:
+        """The ONNX graph's tensor name."""
+        return HEADS[self.head].encoder_name
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"head": self.head, "dims": list(self.dims), "dtype": self.dtype}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> OutputSpec:
+        return cls(data["head"], tuple(int(d) for d in data["dims"]), data.get("dtype", "FP32"))
+
+
+def default_outputs(task: str, hidden_size: int) -> tuple[OutputSpec, ...]:
+    """The outputs a task serves unless a family declares others."""
+    heads = [h for h in HEADS.values() if h.task == task]
+    return tuple(OutputSpec(h.name, (hidden_size,) if h.width == "hidden" else (1,)) for h in heads[:1])
 
 
 def ensemble_inputs() -> tuple[TensorSpec, ...]:
@@ -101,6 +162,8 @@ def encoder_inputs() -> tuple[TensorSpec, ...]:
 class ModelSpec:
     """Everything the serving stack must know about one exported model.
 
+    ``task`` and ``outputs`` say what it serves (``outputs`` empty means the task's default outputs);
+    ``decoder`` declares a causal decoder backbone (Qwen3) as opposed to a bidirectional encoder (BERT).
     ``min_dimensions``..``hidden_size`` is the Matryoshka range a client may slice to; for a model
     without Matryoshka training ``matryoshka`` is False and only ``hidden_size`` is allowed unless the
     user forces slicing.
@@ -126,8 +189,18 @@ class ModelSpec:
     tokenizer_file: str = "tokenizer.json"
     schema_version: int = SPEC_SCHEMA_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
+    task: str = "embed"
+    outputs: tuple[OutputSpec, ...] = ()
+    decoder: bool = False
 
     def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise SpecError(f"task {self.task!r} is not one of {TASKS}")
+        if not self.outputs:
+            object.__setattr__(self, "outputs", default_outputs(self.task, self.hidden_size))
+        wrong = [o.head for o in self.outputs if HEADS[o.head].task != self.task]
+        if wrong:
+            raise SpecError(f"outputs {wrong} do not belong to task {self.task!r}")
         if self.pooling not in POOLINGS:
             raise SpecError(f"pooling {self.pooling!r} is not one of {POOLINGS}")
         if self.precision not in PRECISIONS:
@@ -144,11 +217,22 @@ class ModelSpec:
     # --- derived contract -------------------------------------------------------------------
     @property
     def encoder_outputs(self) -> tuple[TensorSpec, ...]:
-        return (TensorSpec(ENCODER_EMBEDDING_NAME, "FP32", (self.hidden_size,)),)
+        return tuple(TensorSpec(o.encoder_name, o.dtype, o.dims) for o in self.outputs)
 
     @property
     def ensemble_outputs(self) -> tuple[TensorSpec, ...]:
-        return (TensorSpec(EMBEDDING_OUTPUT_NAME, "FP32", (self.hidden_size,)), TOKEN_COUNT)
+        return tuple(TensorSpec(o.name, o.dtype, o.dims) for o in self.outputs) + (TOKEN_COUNT,)
+
+    def output(self, head: str) -> OutputSpec:
+        """The declared output computed by ``head``.
+
+        Raises:
+            SpecError: this model declares no such output.
+        """
+        for out in self.outputs:
+            if out.head == head:
+                return out
+        raise SpecError(f"model {self.name!r} ({self.task}) has no {head!r} output; it serves {[o.head for o in self.outputs]}")
 
     @property
     def tokenizer_model_name(self) -> str:
@@ -174,6 +258,7 @@ class ModelSpec:
     # --- (de)serialization --------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
+        data["outputs"] = [o.to_dict() for o in self.outputs]
         data["encoder_inputs"] = [t.to_dict() for t in encoder_inputs()]
         data["encoder_outputs"] = [t.to_dict() for t in self.encoder_outputs]
         return data
@@ -189,13 +274,18 @@ class ModelSpec:
             SpecError: unknown schema version, missing or invalid fields, or tensor names that
                 disagree with this version's contract.
         """
-        if data.get("schema_version") != SPEC_SCHEMA_VERSION:
+        if data.get("schema_version") not in READABLE_SCHEMA_VERSIONS:
             raise SpecError(f"unsupported spec schema_version {data.get('schema_version')!r}")
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in data.items() if k in names}
+        if data["schema_version"] == 1:
+            # schema 1 had one embedding output and inferred a decoder from last-token pooling
+            kwargs.update(schema_version=SPEC_SCHEMA_VERSION, task="embed", outputs=(),
+                          decoder=data.get("pooling") == "last_token")
         try:
+            kwargs["outputs"] = tuple(OutputSpec.from_dict(o) for o in kwargs.get("outputs", ()))
             spec = cls(**kwargs)
-        except TypeError as exc:
+        except (TypeError, KeyError, ValueError) as exc:
             raise SpecError(f"invalid model spec: {exc}") from exc
         declared = [TensorSpec.from_dict(t) for t in data.get("encoder_inputs", [])]
         if declared and tuple(declared) != encoder_inputs():

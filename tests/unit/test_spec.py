@@ -8,7 +8,14 @@ import json
 import pytest
 
 from tritonembed.errors import SpecError
-from tritonembed.spec import ModelSpec, TensorSpec, encoder_inputs
+from tritonembed.spec import (
+    HEADS,
+    POOLINGS,
+    ModelSpec,
+    OutputSpec,
+    TensorSpec,
+    encoder_inputs,
+)
 
 
 def make_spec(**changes) -> ModelSpec:
@@ -77,3 +84,35 @@ def test_tensor_specs():
     assert TensorSpec("TEXT", "BYTES", (1,)).config_dtype == "TYPE_STRING"
     with pytest.raises(SpecError):
         TensorSpec("x", "FLOAT", (1,))
+
+
+def test_a_schema_1_file_loads_as_an_embedder_with_its_decoder_inferred_once(tmp_path):
+    data = make_spec().to_dict()
+    for key in ("task", "outputs", "decoder"):
+        del data[key]
+    data["schema_version"] = 1
+    (tmp_path / "tritonembed.json").write_text(json.dumps(data))
+    spec = ModelSpec.load(tmp_path)
+    assert spec.task == "embed" and spec.decoder is True and spec.schema_version == 2
+    assert [o.name for o in spec.outputs] == ["EMBEDDING"]
+    assert spec.encoder_outputs == (TensorSpec("embedding", "FP32", (1024,)),)
+
+
+def test_outputs_are_declared_and_derive_both_interfaces():
+    spec = make_spec(decoder=True)
+    assert spec.outputs == (OutputSpec("embedding", (1024,)),)
+    assert [t.name for t in spec.ensemble_outputs] == ["EMBEDDING", "TOKEN_COUNT"]
+    assert spec.output("embedding").encoder_name == "embedding"
+    with pytest.raises(SpecError, match="no 'nope' output"):
+        spec.output("nope")
+    with pytest.raises(SpecError, match="task"):
+        make_spec(task="classify")
+    with pytest.raises(SpecError, match="head"):
+        OutputSpec("nope", (1,))
+
+
+def test_every_declared_pooling_and_head_has_a_torch_implementation():
+    from tritonembed.export import heads
+
+    assert set(heads.POOLINGS) == set(POOLINGS)
+    assert set(heads.HEADS) == set(HEADS)
