@@ -111,8 +111,13 @@ class ServeProcess:
 
     def __exit__(self, *exc: object) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+            self.triton_pid()  # remember the current server: a SIGKILLed serve would leave it running
+            self.proc.send_signal(signal.SIGTERM)  # serve stops its own tritonserver
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
         for pid in self._triton_pids:
             ProcessGroup(pid).reap(grace_s=0.5)
 
