@@ -7,6 +7,7 @@ independent of our ONNX wrapper). Adding a family = one class here + one test.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -144,7 +145,7 @@ class Qwen3Family(ModelFamily):
             default_query_instruction=self.DEFAULT_INSTRUCTION,
             append_eos=True,
             extra={"random_weights": self.is_random_weights(config)},
-            task=self.task,
+            task=Qwen3Family.task,  # the reranker builds on this embedding spec
             decoder=self.decoder,
         )
 
@@ -169,6 +170,66 @@ class Qwen3Family(ModelFamily):
             outputs = model(**batch)
         emb = last_token_pool(outputs.last_hidden_state, batch["attention_mask"])
         return F.normalize(emb, p=2, dim=1).numpy()
+
+
+class Qwen3RerankerFamily(Qwen3Family):
+    """Qwen3-Reranker: a Qwen3ForCausalLM whose score is the last position's ``yes`` minus ``no`` logit.
+
+    The prompt is the model card's (prefix, body, suffix; the body truncated first); the plain Qwen3
+    tokenizer appends nothing. The reference is the model card's usage code (:mod:`tritonembed.export.rerank`).
+    """
+
+    name = "qwen3-reranker"
+    task = "rerank"
+    # validated on P(yes) = sigmoid(score), the number the official code returns
+    fp32_atol = 1e-4
+    PREFIX = ("<|im_start|>system\nJudge whether the Document meets the requirements based on the Query and the "
+              "Instruct provided. Note that the answer can only be \"yes\" or \"no\".<|im_end|>\n<|im_start|>user\n")
+    BODY = "<Instruct>: {instruction}\n<Query>: {query}\n<Document>: {document}"
+    SUFFIX = "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    YES, NO = "yes", "no"
+
+    def make_spec(self, path: Path, model_id: str, config: dict[str, Any], options: ExportOptions) -> ModelSpec:
+        from tritonembed.spec import OutputSpec
+
+        base = super().make_spec(path, model_id, config, options)
+        return dataclasses.replace(
+            base, task="rerank", outputs=(OutputSpec("yes_no_logit", (1,)),), normalize=False, matryoshka=False,
+            min_dimensions=None, query_template="{text}", append_eos=False, pair_prefix=self.PREFIX,
+            pair_template=self.BODY, pair_suffix=self.SUFFIX, default_query_instruction=self.DEFAULT_INSTRUCTION)
+
+    def load_backbone(self, path: Path):
+        """The ``Qwen3Model`` of the causal LM, carrying ``lm_head[yes] - lm_head[no]`` as a buffer.
+
+        Raises:
+            ExportError: the weights cannot be loaded, or ``yes`` / ``no`` are not single tokens.
+        """
+        import torch
+        from transformers import AutoModelForCausalLM
+        from tritonembed.export.heads import YES_NO_DIRECTION
+
+        ids = self.yes_no_ids(path)
+        try:
+            lm = AutoModelForCausalLM.from_pretrained(str(path), attn_implementation="eager", dtype=torch.float32)
+        except Exception as exc:  # transformers/safetensors raise OSError, ValueError, SafetensorError, ...
+            raise ExportError(f"cannot load weights from {path}: {type(exc).__name__}: {exc}") from exc
+        weight = lm.get_output_embeddings().weight.detach()
+        backbone = lm.model.eval()
+        backbone.register_buffer(YES_NO_DIRECTION, (weight[ids[0]] - weight[ids[1]]).clone(), persistent=False)
+        return backbone
+
+    def yes_no_ids(self, path: Path) -> tuple[int, int]:
+        """Raises: ExportError when ``yes`` or ``no`` is not one token of this tokenizer."""
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(self.tokenizer_json(path)))
+        ids = (tok.token_to_id(self.YES), tok.token_to_id(self.NO))
+        if None in ids:
+            raise ExportError(f"the tokenizer of {path} has no single token for 'yes' / 'no'")
+        return ids  # type: ignore[return-value]
+
+    def reference_embed(self, path: Path, texts: Sequence[str], spec: ModelSpec) -> np.ndarray:
+        raise ExportError("a reranker has no embeddings; its reference is tritonembed.export.rerank.official_scores")
 
 
 class BertLikeFamily(ModelFamily):
@@ -249,19 +310,19 @@ class BertLikeFamily(ModelFamily):
         return np.asarray(model.encode(list(texts), batch_size=32, normalize_embeddings=True, convert_to_numpy=True))
 
 
-FAMILIES: tuple[ModelFamily, ...] = (Qwen3Family(), BertLikeFamily())
+FAMILIES: tuple[ModelFamily, ...] = (Qwen3Family(), Qwen3RerankerFamily(), BertLikeFamily())
 
 
-def family_for(config: dict[str, Any]) -> ModelFamily:
-    """The declared family handling this ``config.json``.
+def family_for(config: dict[str, Any], task: str = "embed") -> ModelFamily:
+    """The declared family handling this ``config.json`` for ``task``.
 
     Raises:
         UnsupportedModelError: no family matches; the message lists the supported ones.
     """
     for family in FAMILIES:
-        if family.matches(config):
+        if family.task == task and family.matches(config):
             return family
-    supported = "; ".join(f"{f.name} (model_type in {', '.join(f.model_types)})" for f in FAMILIES)
+    supported = "; ".join(f"{f.name} ({f.task}; model_type in {', '.join(f.model_types)})" for f in FAMILIES)
     raise UnsupportedModelError(
         f"unsupported architecture {config.get('architectures')} (model_type {config.get('model_type')!r}); "
         f"supported families: {supported}"

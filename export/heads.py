@@ -63,6 +63,18 @@ def embedding(pooled, spec, backbone=None):
     return pooled
 
 
+#: Name of the buffer a reranker's backbone carries (see tritonembed.export.families.Qwen3RerankerFamily).
+YES_NO_DIRECTION = "tritonembed_yes_no_direction"
+
+
+@head("yes_no_logit")
+def yes_no_logit(pooled, spec, backbone):
+    """``logit(yes) - logit(no)`` of the last position as one [B, 1] score: the pooled (final-normed) row
+    times ``lm_head[yes] - lm_head[no]``, never the vocabulary-sized logits."""
+    direction = getattr(backbone, YES_NO_DIRECTION)
+    return (pooled * direction.to(pooled.dtype)).sum(dim=1, keepdim=True)
+
+
 def pooling_fn(name: str):
     """Raises: ExportError for a pooling without an implementation here."""
     try:
@@ -77,3 +89,22 @@ def head_fn(name: str):
         return HEADS[name]
     except KeyError:
         raise ExportError(f"no torch implementation of head {name!r}; have {sorted(HEADS)}") from None
+
+
+def fused_with_heads(fused, backbone, spec):
+    """The spec's heads on top of a fused decoder that returns the unnormalized last-token row."""
+    import torch
+
+    heads = [head_fn(out.head) for out in spec.outputs]
+
+    class FusedWithHeads(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fused = fused
+
+        def forward(self, input_ids, attention_mask):
+            pooled = self.fused(input_ids, attention_mask)
+            outs = tuple(h(pooled, spec, backbone) for h in heads)
+            return outs[0] if len(outs) == 1 else outs
+
+    return FusedWithHeads().eval()

@@ -40,7 +40,11 @@ def build_pooled_encoder(backbone, spec: ModelSpec, attention: str = "unfused"):
             raise ExportError(f"GroupQueryAttention is causal: it needs a decoder with last-token pooling, not {spec.pooling}")
         from tritonembed.export.attention import build_fused_qwen3_encoder
 
-        return build_fused_qwen3_encoder(backbone, normalize=spec.normalize)
+        if [o.head for o in spec.outputs] == ["embedding"]:
+            return build_fused_qwen3_encoder(backbone, normalize=spec.normalize)
+        from tritonembed.export.heads import fused_with_heads
+
+        return fused_with_heads(build_fused_qwen3_encoder(backbone, normalize=False), backbone, spec)
 
     from tritonembed.export.heads import head_fn, pooling_fn
 

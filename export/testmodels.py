@@ -38,6 +38,7 @@ __all__ = [
     "RANDOM_WEIGHTS_FIELD",
     "Qwen3Shape",
     "create_random_qwen3",
+    "create_random_qwen3_reranker",
     "is_random_weights",
     "qwen3_config",
 ]
@@ -305,4 +306,55 @@ def create_random_qwen3(
     except OSError as exc:
         raise ExportError(f"cannot write the model files to {directory}: {exc}") from exc
     save_qwen3_tokenizer(directory, model_max_length=numbers.max_position_embeddings)
+    return directory
+
+
+def create_random_qwen3_reranker(directory: Path, shape: str = "tiny", seed: int = 0, dtype: str = "bfloat16") -> Path:
+    """Write a random-weight Qwen3-Reranker look-alike into ``directory``.
+
+    As the released Qwen3-Reranker checkpoints: a ``Qwen3ForCausalLM`` (``model.``-prefixed weights and the
+    LM head, tied to the input embedding where the shape ties them, as in the 0.6B), the plain Qwen3
+    tokenizer (no EOS post-processor) and no sentence-transformers files. ``config.json`` is marked with
+    ``"tritonembed_random_weights": true`` and ``"tritonembed_random_task": "rerank"``.
+
+    Raises:
+        ExportError: unknown shape or dtype, torch/transformers missing, or the files cannot be written.
+    """
+    from tritonembed.export.qwen_tokenizer import save_qwen3_tokenizer
+
+    numbers = _shape(shape)
+    if dtype not in _SUPPORTED_DTYPES:
+        raise ExportError(f"unsupported dtype {dtype!r}; choose one of {list(_SUPPORTED_DTYPES)}")
+    torch, transformers = _require_export_deps()
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ExportError(f"cannot create {directory}: {exc}") from exc
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = transformers.Qwen3ForCausalLM._from_config(qwen3_config(shape), dtype=getattr(torch, dtype))
+    model.eval()
+    try:
+        model.save_pretrained(directory, safe_serialization=True)
+    except OSError as exc:
+        raise ExportError(f"cannot write the model weights to {directory}: {exc}") from exc
+    finally:
+        del model
+    config_path = directory / "config.json"
+    saved = json.loads(config_path.read_text(encoding="utf-8"))
+    saved.update({"architectures": ["Qwen3ForCausalLM"], "rope_theta": numbers.rope_theta, "torch_dtype": dtype,
+                  RANDOM_WEIGHTS_FIELD: True, "tritonembed_random_shape": shape, "tritonembed_random_seed": seed,
+                  "tritonembed_random_task": "rerank"})
+    saved.setdefault("rope_scaling", None)
+    save_qwen3_tokenizer(directory, model_max_length=numbers.max_position_embeddings)
+    try:
+        _write_json(config_path, dict(sorted(saved.items())))
+        # the reranker's tokenizer appends nothing: its prompt ends with the assistant turn's opening
+        tokenizer_path = directory / "tokenizer.json"
+        tokenizer = json.loads(tokenizer_path.read_text(encoding="utf-8"))
+        tokenizer["post_processor"] = None
+        tokenizer_path.write_text(json.dumps(tokenizer, indent=2, ensure_ascii=False), encoding="utf-8")
+    except OSError as exc:
+        raise ExportError(f"cannot write the model files to {directory}: {exc}") from exc
     return directory

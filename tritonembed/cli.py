@@ -16,7 +16,7 @@ from tritonembed import embed_cli, launcher_cli
 from tritonembed.benchmarks import cli as bench_cli
 from tritonembed.cli_options import DEFAULT_MODEL, Parser, add_static_shapes_flag, env_default
 from tritonembed.errors import TritonEmbedError
-from tritonembed.spec import INT4_ACTIVATIONS, PRECISIONS
+from tritonembed.spec import INT4_ACTIVATIONS, PRECISIONS, TASKS
 
 log = logging.getLogger("tritonembed")
 
@@ -44,13 +44,21 @@ def _add_export(sub) -> None:
     p.add_argument("--int4-activations", choices=INT4_ACTIVATIONS, default=env_default("int4_activations", "float32"),
                    help="int4 only: compute in float32 (CPU) or float16 (GPU: quantizes the fp16 graph; "
                         "docs/benchmarks-gpu.md)")
+    p.add_argument("--task", choices=("auto", *TASKS), default=env_default("task", "auto"),
+                   help="embed or rerank (docs/rerank.md); auto: rerank when the checkpoint names a reranker")
     add_static_shapes_flag(p)
     p.set_defaults(func=cmd_export)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     from tritonembed.export.pipeline import export_model
+    from tritonembed.export.rerank import export_reranker, resolve_task
 
+    if resolve_task(args.model, args.task) == "rerank":
+        report = export_reranker(args.model, args.output, precision=args.precision, max_length=args.max_length,
+                                 name=args.name, overwrite=args.overwrite, static_shapes=args.static_shapes)
+        print(json.dumps({"output": report.output, "passed": report.passed, "validation": report.validation}, indent=2))
+        return 0
     report = export_model(args.model, args.output, precision=args.precision, max_length=args.max_length,
                           name=args.name, overwrite=args.overwrite, run_stsb=not args.skip_stsb,
                           int4_activations=args.int4_activations, static_shapes=args.static_shapes)

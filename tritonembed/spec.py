@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,11 +73,16 @@ INSTRUCTION = TensorSpec("INSTRUCTION", "BYTES", (1,), optional=True)
 TRUNCATE = TensorSpec("TRUNCATE", "BOOL", (1,), optional=True)
 TOKEN_COUNT = TensorSpec("TOKEN_COUNT", "INT32", (1,))
 EMBEDDING_OUTPUT_NAME = "EMBEDDING"
+# A reranker's ensemble: one (query, document) pair per row, an optional INSTRUCTION -> SCORE (a logit).
+QUERY = TensorSpec("QUERY", "BYTES", (1,))
+DOCUMENT = TensorSpec("DOCUMENT", "BYTES", (1,))
+SCORE_OUTPUT_NAME = "SCORE"
 
 # --- The encoder (ONNX graph) interface --------------------------------------------------------
 INPUT_IDS = TensorSpec("input_ids", "INT64", (-1,))
 ATTENTION_MASK = TensorSpec("attention_mask", "INT64", (-1,))
 ENCODER_EMBEDDING_NAME = "embedding"
+ENCODER_SCORE_NAME = "score"
 
 # Names of the three models that serve one embedding model NAME.
 TOKENIZER_SUFFIX = "_tokenizer"
@@ -111,6 +117,8 @@ class HeadSpec:
 # The heads the stack serves; the torch side of each is in tritonembed.export.heads under the same name.
 HEADS: dict[str, HeadSpec] = {h.name: h for h in (
     HeadSpec("embedding", "embed", EMBEDDING_OUTPUT_NAME, ENCODER_EMBEDDING_NAME, "hidden"),
+    # Qwen3-Reranker: the pooled row times (lm_head[yes] - lm_head[no]); sigmoid(score) = P(yes)
+    HeadSpec("yes_no_logit", "rerank", SCORE_OUTPUT_NAME, ENCODER_SCORE_NAME, "scalar"),
 )}
 
 
@@ -154,6 +162,10 @@ def ensemble_inputs() -> tuple[TensorSpec, ...]:
     return (TEXT, INSTRUCTION, TRUNCATE)
 
 
+def rerank_inputs() -> tuple[TensorSpec, ...]:
+    return (QUERY, DOCUMENT, INSTRUCTION, TRUNCATE)
+
+
 def encoder_inputs() -> tuple[TensorSpec, ...]:
     return (INPUT_IDS, ATTENTION_MASK)
 
@@ -192,6 +204,11 @@ class ModelSpec:
     task: str = "embed"
     outputs: tuple[OutputSpec, ...] = ()
     decoder: bool = False
+    # rerank: token ids of pair_prefix + body + pair_suffix, the body (pair_template with {instruction},
+    # {query}, {document}) truncated first so that the whole fits max_length
+    pair_prefix: str = ""
+    pair_template: str = ""
+    pair_suffix: str = ""
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -201,6 +218,8 @@ class ModelSpec:
         wrong = [o.head for o in self.outputs if HEADS[o.head].task != self.task]
         if wrong:
             raise SpecError(f"outputs {wrong} do not belong to task {self.task!r}")
+        if self.task == "rerank" and not ("{query}" in self.pair_template and "{document}" in self.pair_template):
+            raise SpecError("a reranker's pair_template must contain '{query}' and '{document}'")
         if self.pooling not in POOLINGS:
             raise SpecError(f"pooling {self.pooling!r} is not one of {POOLINGS}")
         if self.precision not in PRECISIONS:
@@ -248,6 +267,17 @@ class ModelSpec:
         if self.matryoshka and self.min_dimensions is not None:
             return (self.min_dimensions, self.hidden_size)
         return (self.hidden_size, self.hidden_size)
+
+    @property
+    def serving_inputs(self) -> tuple[TensorSpec, ...]:
+        """The ensemble's inputs for this model's task."""
+        return rerank_inputs() if self.task == "rerank" else ensemble_inputs()
+
+    def format_pair(self, query: str, document: str, instruction: str | None) -> str:
+        """A reranker's body (without prefix and suffix); an empty instruction means the default one."""
+        values = {"instruction": instruction or self.default_query_instruction, "query": query, "document": document}
+        # one pass over the template, as str.format does: braces inside the texts are never fields
+        return re.sub(r"\{(instruction|query|document)\}", lambda m: values[m.group(1)], self.pair_template)
 
     def format_text(self, text: str, instruction: str | None) -> str:
         """Apply the query template when ``instruction`` is non-empty, else the document template."""
