@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import warnings
 from pathlib import Path
@@ -113,7 +114,12 @@ def export_onnx(encoder, output: Path, *, example_length: int = 16, static_shape
             )
     except Exception as exc:  # torch raises a zoo of tracer/exporter exceptions
         raise ExportError(f"torch.onnx.export failed: {type(exc).__name__}: {exc}") from exc
-    model = onnx.load(str(staged), load_external_data=True)
+    # The module is not needed past the trace: freed here (when the caller holds no other reference) so that
+    # the float32 weights are never in memory twice while the graph is post-processed.
+    del encoder
+    gc.collect()
+    model = onnx.load(str(staged), load_external_data=False)
+    _load_small_external(model, staging)
     if graph_report is not None:
         from tritonembed.export.attention import graph_attention
 
@@ -126,11 +132,82 @@ def export_onnx(encoder, output: Path, *, example_length: int = 16, static_shape
             graph_report["static_shapes"] = frozen.to_dict()
     elif graph_report is not None:
         graph_report["static_shapes"] = {"off": True}
-    save_onnx(model, output)
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
+        _save_streaming(model, staging, output)
+    else:
+        save_onnx(model, output)
+    del model
     for leftover in staging.iterdir():
         leftover.unlink()
     staging.rmdir()
     return output
+
+
+def _external_info(tensor) -> dict[str, str]:
+    return {entry.key: entry.value for entry in tensor.external_data}
+
+
+def _is_small_or_integer(tensor) -> bool:
+    import onnx
+
+    count = 1
+    for dim in tensor.dims:
+        count *= dim
+    return tensor.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16) \
+        or count <= 64
+
+
+def _load_small_external(model, base_dir: Path) -> None:
+    """Read the external data of integer and tiny tensors (shape arithmetic reads their values); the float
+    weights stay on disk, where :func:`_save_streaming` copies them one by one."""
+    import onnx
+    from onnx.external_data_helper import load_external_data_for_tensor
+
+    for tensor in model.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL and _is_small_or_integer(tensor):
+            load_external_data_for_tensor(tensor, str(base_dir))
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            del tensor.external_data[:]
+
+
+def _save_streaming(model, source_dir: Path, output: Path) -> list[Path]:
+    """Write ``model`` with every still-external tensor copied, one at a time, into ``<name>_data``.
+
+    The tensors torch wrote beside the traced graph (one file each, in ``source_dir``) are read back one by
+    one, so at most one weight is in memory; offsets are 4 KiB aligned (ONNX Runtime can map them).
+
+    Raises:
+        ExportError: a tensor's external file is missing or shorter than it says.
+    """
+    import onnx
+
+    output = Path(output)
+    data_file = output.with_name(output.name + EXTERNAL_DATA_SUFFIX)
+    if data_file.exists():
+        data_file.unlink()
+    with open(data_file, "wb") as sink:
+        for tensor in model.graph.initializer:
+            if tensor.data_location != onnx.TensorProto.EXTERNAL:
+                continue
+            info = _external_info(tensor)
+            offset, length = int(info.get("offset", 0)), info.get("length")
+            with open(source_dir / info["location"], "rb") as f:
+                f.seek(offset)
+                data = f.read() if length is None else f.read(int(length))
+            if length is not None and len(data) != int(length):
+                raise ExportError(f"tensor {tensor.name}: {info['location']} holds {len(data)} of {length} bytes")
+            position = sink.seek(0, 2)
+            pad = -position % 4096
+            sink.write(b"\0" * pad)
+            sink.write(data)
+            del tensor.external_data[:]
+            for key, value in (("location", data_file.name), ("offset", str(position + pad)), ("length", str(len(data)))):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, value
+            del data
+    onnx.save(model, str(output))
+    data_file.chmod(0o644)  # Triton in a container may run as another user
+    return [output, data_file]
 
 
 def save_onnx(model, output: Path) -> list[Path]:

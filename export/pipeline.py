@@ -8,6 +8,7 @@ leaves nothing half-written.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -21,6 +22,7 @@ import numpy as np
 
 from tritonembed.errors import ExportError, OutputExistsError, ValidationError
 from tritonembed.export.families import ExportOptions, ModelFamily, family_for, read_json
+from tritonembed.export.memory import StageLog, check_resources
 from tritonembed.export.onnx_export import build_pooled_encoder, export_onnx, onnx_files
 from tritonembed.export.probes import LONG_PROBE_TOKENS, PROBE_TEXTS, long_probe_text
 from tritonembed.export.resolve import ResolvedModel, resolve_model
@@ -63,6 +65,7 @@ class ExportReport:
     graph: dict[str, Any] = field(default_factory=dict)  # what was done to the traced graph (static shapes)
     quantization: dict[str, Any] = field(default_factory=dict)
     stsb: dict[str, Any] = field(default_factory=dict)
+    memory: dict[str, Any] = field(default_factory=dict)  # per-stage elapsed time and RSS (export/memory.py)
     failures: list[str] = field(default_factory=list)
 
     @property
@@ -162,6 +165,7 @@ def export_model(
     config = read_json(resolved.path / "config.json")
     family = family_for(config)
     spec = family.make_spec(resolved.path, resolved.model_id, config, ExportOptions(precision, max_length, name))
+    check_resources(resolved.path, output.parent)
     staging = output.with_name(f".{output.name}.tmp-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
@@ -191,13 +195,21 @@ def _export_into(staging: Path, resolved: ResolvedModel, family: ModelFamily, sp
     fp32_dir = staging / "_fp32"
     fp32_dir.mkdir()
     fp32_path = fp32_dir / spec.onnx_file
+    stages = StageLog(f"export {resolved.model_id} ({spec.precision})")
     log.info("exporting %s to ONNX (fp32)", resolved.model_id)
-    backbone = family.load_backbone(resolved.path)
-    export_onnx(build_pooled_encoder(backbone, spec, family.attention), fp32_path, static_shapes=static_shapes,
-                graph_report=report.graph, output_names=tuple(t.name for t in spec.encoder_outputs))
-    del backbone
+    stages.stage("start")
+    # No reference to the module is kept here: export_onnx frees it after the trace (one fp32 copy at a time).
+    export_onnx(build_pooled_encoder(family.load_backbone(resolved.path), spec, family.attention), fp32_path,
+                static_shapes=static_shapes, graph_report=report.graph,
+                output_names=tuple(t.name for t in spec.encoder_outputs))
+    stages.stage("fp32 graph written")
 
+    # Both references before any ONNX Runtime session: the PyTorch model and a session never coexist.
     reference = family.reference_embed(resolved.path, PROBE_TEXTS, spec)
+    long_text = long_probe_text(tokenizer.count_untruncated, min(spec.max_length, LONG_PROBE_TOKENS))
+    long_reference = family.reference_embed(resolved.path, [long_text], spec)
+    gc.collect()
+    stages.stage("PyTorch reference computed")
     fp32 = OnnxEncoder(fp32_path, tokenizer)
     measurements, failures = validate_against_reference(
         fp32, reference, PROBE_TEXTS, atol=family.fp32_atol, min_cosine=family.fp32_min_cosine,
@@ -208,9 +220,9 @@ def _export_into(staging: Path, resolved: ResolvedModel, family: ModelFamily, sp
     report.failures.extend(f"fp32: {f}" for f in failures)
     if failures:
         return report
-    long_text = long_probe_text(tokenizer.count_untruncated, min(spec.max_length, LONG_PROBE_TOKENS))
     fp32_long = fp32.embed([long_text])
-    long_cmp = compare(fp32_long, family.reference_embed(resolved.path, [long_text], spec))
+    long_cmp = compare(fp32_long, long_reference)
+    stages.stage("fp32 validated")
     report.validation["fp32_long_input_vs_reference"] = {
         "tokens": tokenizer.count_untruncated([long_text])[0], **long_cmp.to_dict(), "min_cosine_floor": LONG_MIN_COSINE}
     if not long_cmp.finite or long_cmp.min_cosine < LONG_MIN_COSINE:
@@ -232,10 +244,13 @@ def _export_into(staging: Path, resolved: ResolvedModel, family: ModelFamily, sp
     else:
         from tritonembed.export.quantize import quantize_onnx
 
+        del fp32  # its session holds the fp32 weights; everything needed from it is computed above
+        gc.collect()
         source = fp32_path
         if spec.precision == "int4" and int4_activations == "float16":  # the GPU form: int4 from the fp16 graph
             source = quantize_onnx(fp32_path, fp32_dir / "fp16" / spec.onnx_file, "fp16").model_path
         result = quantize_onnx(source, final_dir / spec.onnx_file, spec.precision)
+        stages.stage(f"{spec.precision} graph written")
         report.quantization = {"method": result.method, "settings": result.settings}
         quantized = OnnxEncoder(final_dir / spec.onnx_file, tokenizer)
         final_out = quantized.embed(PROBE_TEXTS)
@@ -264,6 +279,8 @@ def _export_into(staging: Path, resolved: ResolvedModel, family: ModelFamily, sp
                     log.warning("STS-B %s: %s drops %.2f points (target <= %.1f)", lang, spec.precision, row["drop"], target)
     shutil.rmtree(fp32_dir, ignore_errors=True)
     _check_outputs_finite(final_out, report)
+    stages.stage("validated")
+    report.memory = {"stages": stages.stages, "peak_rss_gib": max(s["peak_rss_gib"] for s in stages.stages)}
     return report
 
 

@@ -47,7 +47,6 @@ import numpy as np
 
 from tritonembed.errors import ExportError, ValidationError
 from tritonembed.export import embedding_int8, int8_pertoken
-from tritonembed.export.onnx_export import onnx_files
 
 if TYPE_CHECKING:  # pragma: no cover
     import onnx
@@ -343,11 +342,53 @@ def _load(path: Path, *, min_opset: int | None = None) -> onnx.ModelProto:
         logger.info("upgrading %s from opset %d to %d", path.name, _opset(model), min_opset)
         from onnx import version_converter
 
+        # The converter copies the whole proto several times: it gets the graph with its inline weights
+        # set aside (as placeholders it never reads), and they are put back by name afterwards.
+        weights = _set_aside_inline_weights(model)
         model = version_converter.convert_version(model, min_opset)
+        _restore_inline_weights(model, weights)
         if min_opset >= 21 and model.ir_version < 10:  # opset 21 (int4 types) needs IR 10
             model.ir_version = 10
     _read_external_data(model, path.parent)
     return model
+
+
+_PLACEHOLDER = "tritonembed-set-aside"
+# convert_float_to_float16's defaults, passed explicitly: the weights converted after it must round the same way.
+FP16_MIN_POSITIVE = 5.96e-08
+FP16_MAX_FINITE = 65504.0
+
+
+def _set_aside_inline_weights(model: onnx.ModelProto, *, float_only: bool = False) -> dict[str, bytes]:
+    """Move the raw bytes of inline initializers above 1 KiB out of ``model``; they become external
+    references to a placeholder location (:func:`_restore_inline_weights` undoes it)."""
+    import onnx
+
+    aside = {}
+    for tensor in model.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL or not tensor.HasField("raw_data") \
+                or len(tensor.raw_data) <= 1024 or (float_only and tensor.data_type != onnx.TensorProto.FLOAT):
+            continue
+        aside[tensor.name] = tensor.raw_data
+        tensor.ClearField("raw_data")
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        entry = tensor.external_data.add()
+        entry.key, entry.value = "location", _PLACEHOLDER
+    return aside
+
+
+def _restore_inline_weights(model: onnx.ModelProto, aside: dict[str, bytes]) -> None:
+    """Raises: QuantizationError when a set-aside tensor is no longer in the graph as a placeholder."""
+    import onnx
+
+    for tensor in model.graph.initializer:
+        if tensor.name in aside and tensor.data_location == onnx.TensorProto.EXTERNAL \
+                and any(e.key == "location" and e.value == _PLACEHOLDER for e in tensor.external_data):
+            tensor.raw_data = aside.pop(tensor.name)
+            tensor.ClearField("data_location")  # unset, as before: the saved bytes stay the same
+            del tensor.external_data[:]
+    if aside:
+        raise QuantizationError(f"the opset converter dropped {len(aside)} initializer(s), e.g. {next(iter(aside))}")
 
 
 def _read_external_data(model: onnx.ModelProto, base_dir: Path) -> None:
@@ -545,33 +586,19 @@ def _drop_duplicate_nodes(model: onnx.ModelProto) -> int:
     return removed
 
 
-def _single_link_copy(src: Path, scratch: Path) -> Path:
-    """``src`` itself, or a copy in ``scratch`` when its external-data file has other hard links."""
-    files = onnx_files(src)
-    if len(files) == 1 or files[1].stat().st_nlink <= 1:
-        return src
-    for f in files:
-        shutil.copyfile(f, scratch / f.name)
-    return scratch / src.name
-
-
 def _to_fp16(src: Path) -> tuple[onnx.ModelProto, str, dict[str, Any]]:
-    import onnx
-    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+    from onnxruntime.transformers import float16
 
-    graph = onnx.load(str(src), load_external_data=False)
-    op_block = sorted(set(DEFAULT_OP_BLOCK_LIST) | set(FP16_FP32_OP_TYPES))
-    node_block = fp16_fp32_nodes(graph)
+    model = _load(src)
+    op_block = sorted(set(float16.DEFAULT_OP_BLOCK_LIST) | set(FP16_FP32_OP_TYPES))
+    node_block = fp16_fp32_nodes(model)
     if any(not n for n in node_block):
         raise QuantizationError(f"{src} has unnamed nodes in the float32 islands; re-export with named nodes")
-    del graph
-    # A path (not a proto) lets the converter run shape inference on files above 2 GB; its onnx.load
-    # refuses external data with several hard links (a served export), so such a model goes via a copy.
-    with tempfile.TemporaryDirectory(prefix="tritonembed-fp16-") as tmp:
-        model = convert_float_to_float16(
-            str(_single_link_copy(src, Path(tmp))), keep_io_types=True, op_block_list=op_block,
-            node_block_list=node_block,
-        )
+    # The converter copies the whole proto (shape inference, its own loads): it gets the graph without its
+    # float weights, and each weight is converted afterwards, one at a time, by the converter's own function.
+    weights = _set_aside_inline_weights(model, float_only=True)
+    model = _fp16_graph(float16, model, op_block, node_block)
+    _restore_fp16_weights(float16, model, weights)
     duplicates = _drop_duplicate_nodes(model)
     round_trips = _drop_fp16_round_trips(model)
     _topological_sort(model)
@@ -589,6 +616,46 @@ def _to_fp16(src: Path) -> tuple[onnx.ModelProto, str, dict[str, Any]]:
         "duplicate_casts_removed": duplicates,
     }
     return model, method, settings
+
+
+def _fp16_graph(float16: Any, model: onnx.ModelProto, op_block: list[str], node_block: list[str]) -> onnx.ModelProto:
+    """``convert_float_to_float16`` on a graph whose float weights are placeholders: its value infos of
+    converted initializers are built from their dims (its own helper would read the missing data)."""
+    from onnx import helper
+
+    original = float16.make_value_info_from_tensor
+    float16.make_value_info_from_tensor = lambda t: helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+    try:
+        return float16.convert_float_to_float16(
+            model, min_positive_val=FP16_MIN_POSITIVE, max_finite_val=FP16_MAX_FINITE, keep_io_types=True,
+            op_block_list=op_block, node_block_list=node_block,
+        )
+    finally:
+        float16.make_value_info_from_tensor = original
+
+
+def _restore_fp16_weights(float16: Any, model: onnx.ModelProto, aside: dict[str, bytes]) -> None:
+    """Put the set-aside weights back: as float16 (the converter's rounding and clipping) where the
+    converter turned the placeholder into a float16 tensor, unchanged where it kept it float32.
+
+    Raises:
+        QuantizationError: a set-aside tensor is missing from the converted graph.
+    """
+    import numpy as np
+    import onnx
+
+    for tensor in model.graph.initializer:
+        if tensor.name not in aside:
+            continue
+        data = aside.pop(tensor.name)
+        if tensor.data_type == onnx.TensorProto.FLOAT16:
+            data = float16.convert_np_to_float16(np.frombuffer(data, dtype=np.float32), FP16_MIN_POSITIVE,
+                                                 FP16_MAX_FINITE).tobytes()
+        tensor.raw_data = data
+        tensor.ClearField("data_location")
+        del tensor.external_data[:]
+    if aside:
+        raise QuantizationError(f"the fp16 converter dropped {len(aside)} initializer(s), e.g. {next(iter(aside))}")
 
 
 # --- int8 -------------------------------------------------------------------------------------

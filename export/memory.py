@@ -1,0 +1,149 @@
+"""Memory of a long export: per-stage RSS logging and a check, before starting, that RAM and disk suffice.
+
+The export holds, at its worst moment, the model in float32 twice (the PyTorch module and the graph
+``torch.onnx.export`` builds from it); every later stage holds one float32 copy at most. What it needs is
+planned from the checkpoint's parameter count, not from its file size (a bf16 checkpoint is half its
+float32 graph). Linux only for the RSS
+figures (``/proc/self/status``); elsewhere they read 0 and the stage lines still give elapsed time.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tritonembed.errors import ExportError
+
+log = logging.getLogger(__name__)
+
+GIB = 1024**3
+# Python, torch, onnx and onnxruntime loaded, plus what does not scale with the model: planned high.
+BASE_OVERHEAD_BYTES = int(1.5 * GIB)
+# Peak RSS in float32 weight-copies, measured: the trace holds the PyTorch module and the ModelProto torch
+# builds from it (0.6B shape: 4.7 GiB for 2.2 GiB of weights; ``small``: 2.8 GiB for 0.6 GiB). Planned high.
+PEAK_FP32_COPIES = 2.5
+# Disk: the fp32 graph, a quantized copy beside it, and the staging files torch writes (about 3 copies).
+DISK_FP32_COPIES = 3.0
+
+
+def _status_kib(field: str) -> int:
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def rss_bytes() -> tuple[int, int]:
+    """(current RSS, peak RSS so far) of this process in bytes; (0, 0) where /proc is missing."""
+    return _status_kib("VmRSS") * 1024, _status_kib("VmHWM") * 1024
+
+
+class StageLog:
+    """Logs one INFO line per export stage: its name, elapsed seconds, RSS now and the peak so far."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.started = time.perf_counter()
+        self.stages: list[dict[str, float | str]] = []
+
+    def stage(self, name: str) -> None:
+        now, peak = rss_bytes()
+        elapsed = time.perf_counter() - self.started
+        self.stages.append({"stage": name, "seconds": round(elapsed, 1), "rss_gib": round(now / GIB, 2),
+                            "peak_rss_gib": round(peak / GIB, 2)})
+        log.info("%s: %s at %.1fs, RSS %.2f GiB (peak %.2f GiB)", self.label, name, elapsed, now / GIB, peak / GIB)
+
+
+@dataclass(frozen=True)
+class ExportNeeds:
+    """What an export of one checkpoint is planned to need."""
+
+    fp32_weight_bytes: int
+    ram_bytes: int
+    disk_bytes: int
+
+
+def checkpoint_fp32_bytes(path: Path) -> int:
+    """The float32 size of the weights in ``path``'s safetensors files (from their headers, no data read).
+
+    Falls back to the files' size times the dtype ratio when there is no safetensors file.
+    """
+    import json
+    import struct
+
+    total = 0
+    files = sorted(Path(path).glob("*.safetensors"))
+    for file in files:
+        with open(file, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(length))
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            count = 1
+            for dim in entry["shape"]:
+                count *= int(dim)
+            total += 4 * count
+    if files:
+        return total
+    return 2 * sum(f.stat().st_size for f in Path(path).glob("*.bin"))  # unknown dtype: assume 16-bit
+
+
+def plan_export(checkpoint: Path) -> ExportNeeds:
+    """The RAM and disk an export of ``checkpoint`` is planned to need (module docstring)."""
+    fp32 = checkpoint_fp32_bytes(checkpoint)
+    return ExportNeeds(fp32, BASE_OVERHEAD_BYTES + int(PEAK_FP32_COPIES * fp32), int(DISK_FP32_COPIES * fp32))
+
+
+def available_ram_bytes() -> int:
+    """MemAvailable from /proc/meminfo (plus a cgroup limit when lower); 0 when unknown."""
+    available = 0
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+    except OSError:
+        return 0
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        usage = int(Path("/sys/fs/cgroup/memory.current").read_text())
+        if limit != "max":
+            available = min(available, int(limit) - usage)
+    except (OSError, ValueError):
+        pass
+    return available
+
+
+def check_resources(checkpoint: Path, workdir: Path) -> ExportNeeds:
+    """Refuse to start an export that RAM or the disk under ``workdir`` cannot hold.
+
+    Set ``TRITONEMBED_EXPORT_SKIP_RESOURCE_CHECK=1`` to try anyway (swap, a plan that is too high).
+
+    Raises:
+        ExportError: less RAM available or less free disk than planned; the message says how much.
+    """
+    needs = plan_export(checkpoint)
+    free_disk = shutil.disk_usage(workdir).free
+    ram = available_ram_bytes()
+    log.info("export plan: %.1f GiB of float32 weights, peak RAM ~%.1f GiB (%.1f available), disk ~%.1f GiB (%.1f free)",
+             needs.fp32_weight_bytes / GIB, needs.ram_bytes / GIB, ram / GIB, needs.disk_bytes / GIB, free_disk / GIB)
+    if os.environ.get("TRITONEMBED_EXPORT_SKIP_RESOURCE_CHECK") == "1":
+        return needs
+    problems = []
+    if ram and ram < needs.ram_bytes:
+        problems.append(f"RAM: needs ~{needs.ram_bytes / GIB:.1f} GiB, {ram / GIB:.1f} GiB available")
+    if free_disk < needs.disk_bytes:
+        problems.append(f"disk under {workdir}: needs ~{needs.disk_bytes / GIB:.1f} GiB, {free_disk / GIB:.1f} GiB free")
+    if problems:
+        raise ExportError("not enough resources to export " + str(checkpoint) + ": " + "; ".join(problems)
+                          + " (TRITONEMBED_EXPORT_SKIP_RESOURCE_CHECK=1 tries anyway)")
+    return needs
