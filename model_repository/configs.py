@@ -26,7 +26,6 @@ from tritonembed.spec import (
     ModelSpec,
     TensorSpec,
     encoder_inputs,
-    ensemble_inputs,
 )
 
 PROFILES = ("cpu", "gpu")
@@ -190,7 +189,7 @@ def tokenizer_outputs() -> tuple[TensorSpec, ...]:
 
 
 def ensemble_config(spec: ModelSpec, options: ServingOptions) -> str:
-    ins = ensemble_inputs()
+    ins = spec.serving_inputs
     tok_in = "\n".join(f'      input_map {{ key: "{t.name}" value: "{t.name}" }}' for t in ins)
     encoder_out = "\n".join(f'      output_map {{ key: "{o.encoder_name}" value: "{o.name}" }}' for o in spec.outputs)
     return f"""name: {pbtxt_string(spec.name)}
@@ -225,7 +224,7 @@ def tokenizer_config(spec: ModelSpec, options: ServingOptions) -> str:
     return f"""name: {pbtxt_string(spec.tokenizer_model_name)}
 backend: "python"
 max_batch_size: {options.tokenizer_max_batch}
-{tensor_block("input", ensemble_inputs())}
+{tensor_block("input", spec.serving_inputs)}
 {tensor_block("output", tokenizer_outputs())}
 {queue_block(options, delay_us=options.tokenizer_queue_delay_us, preferred=False)}
 instance_group [ {{ count: {options.tokenizer_instances} kind: KIND_CPU }} ]
