@@ -10,7 +10,7 @@ never torch or transformers.
 """
 
 from tritonembed.client.aio import AsyncEmbeddingClient
-from tritonembed.client.core import EmbeddingResult, ModelInfo, RetryPolicy
+from tritonembed.client.core import EmbeddingResult, ModelInfo, RerankHit, RerankResult, RetryPolicy
 from tritonembed.client.errors import (
     ConnectionFailed,
     EmbeddingError,
@@ -34,6 +34,8 @@ __all__ = [
     "ModelNotFound",
     "Overloaded",
     "ReplicatedEmbeddingClient",
+    "RerankHit",
+    "RerankResult",
     "RetryPolicy",
     "ServerError",
     "Timeout",

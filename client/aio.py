@@ -9,21 +9,24 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import numpy as np
-
 from tritonembed.client import _transport
 from tritonembed.client.core import (
     EmbeddingResult,
     EmbedPlan,
     ModelInfo,
+    RerankPlan,
+    RerankResult,
     RetryPolicy,
     choose_model,
     map_error,
     parse_model_config,
     parse_url,
     plan_embed,
+    plan_rerank,
     ready_model_names,
 )
 from tritonembed.client.errors import EmbeddingError, InvalidArgument, ModelNotFound
+
 from tritonembed.spec import ModelSpec
 
 logger = logging.getLogger("tritonembed.client")
@@ -262,20 +265,7 @@ class AsyncEmbeddingClient:
             batch_size=self.batch_size,
         )
         started = time.perf_counter()
-        semaphore = asyncio.Semaphore(self.max_concurrency)
-
-        async def bounded(k: int) -> tuple[np.ndarray, np.ndarray]:
-            async with semaphore:
-                return await self._infer_chunk(plan, k)
-
-        tasks = [asyncio.ensure_future(bounded(k)) for k in range(len(plan.chunks))]
-        try:
-            parts = await asyncio.gather(*tasks)
-        except BaseException:
-            for task in tasks:  # one chunk failed: do not leave the others running
-                task.cancel()
-            raise
-        result = plan.finish(parts)
+        result = plan.finish(await self._run_plan(plan))
         logger.debug(
             "embedded %d texts with %r in %d requests, %.1f ms",
             plan.size,
@@ -285,7 +275,39 @@ class AsyncEmbeddingClient:
         )
         return result
 
-    async def _infer_chunk(self, plan: EmbedPlan, k: int) -> tuple[np.ndarray, np.ndarray]:
+    async def rerank(
+        self,
+        query: str,
+        documents: Sequence[str],
+        *,
+        top_n: int | None = None,
+        instruction: str | None = None,
+        model: str | None = None,
+        truncate: bool = True,
+    ) -> RerankResult:
+        """Async :meth:`tritonembed.client.EmbeddingClient.rerank` (same arguments, result and errors)."""
+        info = await self.model_info(model)
+        plan = plan_rerank(info, query, documents, top_n=top_n, instruction=instruction, truncate=truncate,
+                           batch_size=self.batch_size)
+        return plan.finish(await self._run_plan(plan))
+
+    async def _run_plan(self, plan: EmbedPlan | RerankPlan) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Every chunk of ``plan``, at most ``max_concurrency`` at a time; a failure cancels the others."""
+        semaphore = asyncio.Semaphore(self.max_concurrency)
+
+        async def bounded(k: int) -> tuple[np.ndarray, np.ndarray]:
+            async with semaphore:
+                return await self._infer_chunk(plan, k)
+
+        tasks = [asyncio.ensure_future(bounded(k)) for k in range(len(plan.chunks))]
+        try:
+            return list(await asyncio.gather(*tasks))
+        except BaseException:
+            for task in tasks:  # one chunk failed: do not leave the others running
+                task.cancel()
+            raise
+
+    async def _infer_chunk(self, plan: EmbedPlan | RerankPlan, k: int) -> tuple[np.ndarray, np.ndarray]:
         module = self._module
         inputs = _transport.infer_inputs(module, plan.chunk_inputs(k))
         outputs = _transport.requested_outputs(module, plan.output_name)

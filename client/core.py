@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
-
 from tritonembed.client.errors import (
     ConnectionFailed,
     EmbeddingError,
@@ -29,10 +28,12 @@ from tritonembed.client.errors import (
     ServerError,
     Timeout,
 )
+
 from tritonembed.errors import SpecError
-from tritonembed.text_rules import is_blank
 from tritonembed.spec import (
+    DOCUMENT,
     INSTRUCTION,
+    QUERY,
     SPEC_PARAMETER_KEY,
     TEXT,
     TOKEN_COUNT,
@@ -40,6 +41,7 @@ from tritonembed.spec import (
     ModelSpec,
     TensorSpec,
 )
+from tritonembed.text_rules import is_blank
 
 logger = logging.getLogger("tritonembed.client")
 
@@ -150,6 +152,125 @@ def ready_model_names(index: Any) -> list[str]:
             if entry["name"] not in names:
                 names.append(entry["name"])
     return names
+
+
+# --- reranking ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RerankHit:
+    """One ranked document: its index in the call's ``documents``, P(relevant) in [0, 1], its text."""
+
+    index: int
+    relevance_score: float
+    document: str
+
+
+@dataclass(frozen=True)
+class RerankResult:
+    """What :meth:`rerank` returns: the ``top_n`` best documents, highest score first (ties by index)."""
+
+    results: tuple[RerankHit, ...]
+    token_counts: np.ndarray  # int64 [len(documents)], tokens of each templated pair
+    model: str
+
+    @property
+    def total_tokens(self) -> int:
+        return int(self.token_counts.sum())
+
+
+@dataclass(frozen=True)
+class RerankPlan:
+    """A validated rerank call split into chunks of documents (the query repeated per row)."""
+
+    info: ModelInfo
+    query: bytes
+    documents: tuple[str, ...]
+    encoded: tuple[bytes, ...]
+    instruction: bytes
+    top_n: int
+    truncate: bool
+    chunks: tuple[np.ndarray, ...]
+
+    @property
+    def size(self) -> int:
+        return len(self.encoded)
+
+    @property
+    def output_name(self) -> str:
+        return self.info.spec.output("yes_no_logit").name
+
+    def chunk_inputs(self, k: int) -> list[TensorData]:
+        indices = self.chunks[k]
+        inputs = [_column(QUERY, [self.query] * len(indices)), _column(DOCUMENT, [self.encoded[i] for i in indices])]
+        if self.instruction:
+            inputs.append(_column(INSTRUCTION, [self.instruction] * len(indices)))
+        if not self.truncate:
+            inputs.append(_column(TRUNCATE, [False] * len(indices)))
+        return inputs
+
+    def locate_error(self, k: int, error: EmbeddingError) -> EmbeddingError:
+        """``error`` of chunk ``k`` with the server's row numbers turned into ``documents[i]``."""
+        indices = self.chunks[k]
+        match = _CHUNK_TEXT.search(error.message)
+        local = int(match.group(1) or match.group(2)) if match else len(indices)
+        if local >= len(indices):
+            return error
+        where = f"documents[{int(indices[local])}]"
+        located = type(error)(_CHUNK_TEXT.sub(where, error.message, count=1), status=error.status, param=where,
+                              hint=error.hint)
+        located.__cause__ = error.__cause__
+        return located
+
+    def read_outputs(self, k: int, score: np.ndarray | None, token_count: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """Raises: ServerError for a missing output or shapes that do not match the request."""
+        rows = len(self.chunks[k])
+        if score is None or token_count is None:
+            missing = self.output_name if score is None else TOKEN_COUNT.name
+            raise ServerError(f"model {self.info.name!r} returned no {missing} output")
+        score = np.asarray(score, dtype=np.float64).reshape(-1)
+        counts = np.asarray(token_count).reshape(-1)
+        if score.shape != (rows,) or counts.shape != (rows,):
+            raise ServerError(f"model {self.info.name!r} returned {score.shape[0]} scores for {rows} documents")
+        return score, counts.astype(np.int64)
+
+    def finish(self, parts: Sequence[tuple[np.ndarray, np.ndarray]]) -> RerankResult:
+        """Scores in input order -> P(yes) = sigmoid(logit), sorted, cut to ``top_n``."""
+        logits = assemble(self.size, self.chunks, [p[0][:, None] for p in parts]).reshape(-1) if parts else np.zeros(0)
+        counts = assemble(self.size, self.chunks, [p[1][:, None] for p in parts]).reshape(-1) if parts else np.zeros(0)
+        probs = 1.0 / (1.0 + np.exp(-logits))
+        order = sorted(range(self.size), key=lambda i: (-probs[i], i))[: self.top_n]
+        hits = tuple(RerankHit(i, float(probs[i]), self.documents[i]) for i in order)
+        return RerankResult(hits, counts.astype(np.int64), self.info.name)
+
+
+def plan_rerank(info: ModelInfo, query: str, documents: Sequence[str], *, top_n: int | None = None,
+                instruction: str | None = None, truncate: bool = True, batch_size: int | None = None) -> RerankPlan:
+    """Validate one rerank call and split its documents into length-sorted chunks.
+
+    Raises:
+        InvalidArgument: the model is not a reranker, a blank query or document, no documents, a
+            ``top_n`` that is not a positive integer, or a non-string instruction.
+    """
+    if info.spec.task != "rerank":
+        raise InvalidArgument(f"model {info.name!r} is a {info.spec.task} model, not a reranker", param="model")
+    if not isinstance(query, str) or is_blank(query):
+        raise InvalidArgument("query must be a non-empty string", param="query")
+    if isinstance(documents, str) or not isinstance(documents, Sequence) or not documents:
+        raise InvalidArgument("documents must be a non-empty list of strings", param="documents")
+    if top_n is not None and (isinstance(top_n, bool) or not isinstance(top_n, int) or top_n <= 0):
+        raise InvalidArgument(f"top_n must be a positive integer, got {top_n!r}", param="top_n")
+    if instruction is not None and not isinstance(instruction, str):
+        raise InvalidArgument("instruction must be a string", param="instruction")
+    if not isinstance(truncate, (bool, np.bool_)):
+        raise InvalidArgument(f"truncate must be a boolean, got {truncate!r}", param="truncate")
+    try:
+        encoded = encode_texts(list(documents))
+    except InvalidArgument as exc:
+        param = (exc.param or "").replace("texts", "documents")
+        raise InvalidArgument(exc.message.replace("texts", "documents"), param=param) from None
+    chunk_size = min(batch_size or info.max_batch_size, info.max_batch_size)
+    return RerankPlan(info, _encode(query, "query", "query"), tuple(documents), tuple(encoded),
+                      (instruction or "").encode("utf-8"), min(top_n or len(encoded), len(encoded)), bool(truncate),
+                      tuple(plan_chunks([len(t) for t in encoded], chunk_size)))
 
 
 def choose_model(models: Sequence[ModelInfo]) -> ModelInfo:
@@ -432,9 +553,12 @@ def plan_embed(
     ``batch_size`` caps the chunk size below the model's ``max_batch_size`` (it never raises it).
 
     Raises:
-        InvalidArgument: any argument is invalid (see :func:`encode_texts`, :func:`resolve_dimensions`,
-            :func:`resolve_instruction`), or ``truncate``/``normalize`` are not booleans.
+        InvalidArgument: the model is not an embedder, any argument is invalid (see :func:`encode_texts`,
+            :func:`resolve_dimensions`, :func:`resolve_instruction`), or ``truncate``/``normalize`` are not booleans.
     """
+    if info.spec.task != "embed":
+        raise InvalidArgument(f"model {info.name!r} is a {info.spec.task} model, not an embedder: use rerank()",
+                              param="model")
     for flag, value in (("truncate", truncate), ("normalize", normalize)):
         if not isinstance(value, (bool, np.bool_)):
             raise InvalidArgument(f"{flag} must be a boolean, got {value!r}", param=flag)
@@ -503,23 +627,23 @@ _STATUS_ERRORS: dict[str, type[EmbeddingError]] = {
 _AMBIGUOUS = frozenset({"UNAVAILABLE", "503", "UNKNOWN", "CANCELLED", "INTERNAL", "500", ""})
 _MESSAGE_ERRORS: tuple[tuple[re.Pattern[str], frozenset[str], type[EmbeddingError]], ...] = (
     (
-        re.compile(r"request for unknown model|failed to find model|model '[^']*' is not found", re.I),
+        re.compile(r"request for unknown model|failed to find model|model '[^']*' is not found", re.IGNORECASE),
         _AMBIGUOUS | {"INVALID_ARGUMENT", "NOT_FOUND", "400", "404"},
         ModelNotFound,
     ),
-    (re.compile(r"queue size|queue is full|maximum queue", re.I), _AMBIGUOUS, Overloaded),
+    (re.compile(r"queue size|queue is full|maximum queue", re.IGNORECASE), _AMBIGUOUS, Overloaded),
     (
         re.compile(
             r"failed to connect|connection refused|connect failed|connection reset|socket closed|broken pipe|"
             r"dns resolution|name resolution|name or service not known|no route to host|network is unreachable|"
             r"failed to pick subchannel|connection aborted|server disconnected|stream removed|goaway|"
             r"endpoint closing|transport is closing|server is not ready|server is stopping",
-            re.I,
+            re.IGNORECASE,
         ),
         _AMBIGUOUS,
         ConnectionFailed,
     ),
-    (re.compile(r"deadline exceeded|timeout expired|timed out", re.I), _AMBIGUOUS, Timeout),
+    (re.compile(r"deadline exceeded|timeout expired|timed out", re.IGNORECASE), _AMBIGUOUS, Timeout),
 )
 
 

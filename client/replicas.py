@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from tritonembed.client.aio import AsyncEmbeddingClient
-from tritonembed.client.core import EmbeddingResult, ModelInfo, RetryPolicy, choose_model
+from tritonembed.client.core import EmbeddingResult, ModelInfo, RerankResult, RetryPolicy, choose_model
 from tritonembed.client.errors import ConnectionFailed, EmbeddingError, InvalidArgument, Timeout
 
 logger = logging.getLogger("tritonembed.client")
@@ -317,6 +317,20 @@ class ReplicatedEmbeddingClient:
         rows = 1 if isinstance(texts, str) else len(texts)
         return await self._route(f"embedding {rows} texts", name,
                                  lambda c: c.embed_with_usage(texts, model=name, **kwargs), rows=rows)
+
+    async def rerank(self, query: str, documents: Sequence[str], *, model: str | None = None,
+                     **kwargs: Any) -> RerankResult:
+        """Rerank on the least-loaded replica that serves ``model``, failing over as :meth:`embed_with_usage`;
+        arguments as :meth:`AsyncEmbeddingClient.rerank`.
+
+        Raises:
+            ConnectionFailed / Overloaded: every replica failed before answering, in every round.
+            InvalidArgument, ModelNotFound, Timeout, ServerError: as :class:`AsyncEmbeddingClient` (not retried).
+        """
+        name = model or self._model
+        rows = len(documents) if isinstance(documents, Sequence) and not isinstance(documents, str) else 1
+        return await self._route(f"reranking {rows} documents", name,
+                                 lambda c: c.rerank(query, documents, model=name, **kwargs), rows=rows)
 
     async def _route(self, what: str, model: str | None, call: Callable[[AsyncEmbeddingClient], Awaitable[T]],
                      *, rows: int) -> T:

@@ -10,21 +10,24 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import numpy as np
-
 from tritonembed.client import _transport
 from tritonembed.client.core import (
     EmbeddingResult,
     EmbedPlan,
     ModelInfo,
+    RerankPlan,
+    RerankResult,
     RetryPolicy,
     choose_model,
     map_error,
     parse_model_config,
     parse_url,
     plan_embed,
+    plan_rerank,
     ready_model_names,
 )
 from tritonembed.client.errors import EmbeddingError, InvalidArgument, ModelNotFound
+
 from tritonembed.spec import ModelSpec
 
 logger = logging.getLogger("tritonembed.client")
@@ -308,21 +311,48 @@ class EmbeddingClient:
         )
         started = time.perf_counter()
         count = len(plan.chunks)
-        if count <= 1 or self.max_concurrency == 1:
-            parts = [self._infer_chunk(plan, k) for k in range(count)]
-        else:
-            futures = [self._executor().submit(self._infer_chunk, plan, k) for k in range(count)]
-            try:
-                parts = [f.result() for f in futures]
-            except BaseException:
-                for future in futures:  # one chunk failed: do not send the ones not started yet
-                    future.cancel()
-                raise
-        result = plan.finish(parts)
+        result = plan.finish(self._run_plan(plan))
         logger.debug(
             "embedded %d texts with %r in %d requests, %.1f ms", plan.size, info.name, count, 1e3 * (time.perf_counter() - started)
         )
         return result
+
+    def rerank(
+        self,
+        query: str,
+        documents: Sequence[str],
+        *,
+        top_n: int | None = None,
+        instruction: str | None = None,
+        model: str | None = None,
+        truncate: bool = True,
+    ) -> RerankResult:
+        """Score every document against ``query`` with a served reranker; the ``top_n`` best, best first.
+
+        ``relevance_score`` is P(relevant) (for Qwen3-Reranker: P("yes"), as its model card computes it).
+        ``instruction`` replaces the model's default task instruction.
+
+        Raises:
+            InvalidArgument: bad arguments, a model that is not a reranker, or INVALID_ARG from the server.
+            ModelNotFound, Overloaded (after retries), ConnectionFailed (after retries), Timeout, ServerError.
+        """
+        info = self.model_info(model)
+        plan = plan_rerank(info, query, documents, top_n=top_n, instruction=instruction, truncate=truncate,
+                           batch_size=self.batch_size)
+        return plan.finish(self._run_plan(plan))
+
+    def _run_plan(self, plan: EmbedPlan | RerankPlan) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Every chunk of ``plan``, concurrently up to ``max_concurrency``; the first failure cancels the rest."""
+        count = len(plan.chunks)
+        if count <= 1 or self.max_concurrency == 1:
+            return [self._infer_chunk(plan, k) for k in range(count)]
+        futures = [self._executor().submit(self._infer_chunk, plan, k) for k in range(count)]
+        try:
+            return [f.result() for f in futures]
+        except BaseException:
+            for future in futures:  # one chunk failed: do not send the ones not started yet
+                future.cancel()
+            raise
 
     def _executor(self) -> ThreadPoolExecutor:
         with self._lock:
@@ -332,7 +362,7 @@ class EmbeddingClient:
                 self._pool = ThreadPoolExecutor(self.max_concurrency, thread_name_prefix="tritonembed-client")
             return self._pool
 
-    def _infer_chunk(self, plan: EmbedPlan, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def _infer_chunk(self, plan: EmbedPlan | RerankPlan, k: int) -> tuple[np.ndarray, np.ndarray]:
         module = self._module
         inputs = _transport.infer_inputs(module, plan.chunk_inputs(k))
         outputs = _transport.requested_outputs(module, plan.output_name)
