@@ -20,11 +20,10 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, PlainTextResponse, Response
-
 from tritonembed.client import EmbeddingError, ModelInfo, ModelNotFound, RetryPolicy
 from tritonembed.client.replicas import ReplicatedEmbeddingClient
 from tritonembed.gateway.admission import InputAdmission
@@ -34,10 +33,13 @@ from tritonembed.gateway.schemas import (
     OpenAIEmbeddingRequest,
     OpenAIModel,
     OpenAIModelList,
+    RerankRequest,
     embedding_response_json,
+    rerank_response_json,
 )
 from tritonembed.gateway.settings import GatewaySettings
 from tritonembed.gateway.tokens import TokenDecoder
+
 from tritonembed.text_rules import blank_characters, first_blank
 
 logger = logging.getLogger("tritonembed.gateway")
@@ -49,7 +51,7 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 PUBLIC_PATHS = frozenset({"/health"})
-KNOWN_ROUTES = frozenset({"/v1/embeddings", "/embeddings", "/v1/models", "/models", "/health", "/ready", "/metrics"})
+KNOWN_ROUTES = frozenset({"/v1/embeddings", "/embeddings", "/v1/rerank", "/rerank", "/v1/models", "/models", "/health", "/ready", "/metrics"})
 # Gateway -> Triton retry rounds (each round tries every replica once): short, since the API client
 # (openai-python retries 429/503) retries too.
 GATEWAY_RETRY = RetryPolicy(max_retries=2, initial_backoff=0.05, max_backoff=0.5)
@@ -130,8 +132,8 @@ class ModelRegistry:
 
 
 # --- request parsing ---------------------------------------------------------------------------
-def parse_request(body: bytes) -> OpenAIEmbeddingRequest:
-    """Parse and validate a ``/v1/embeddings`` body.
+def parse_request(body: bytes, schema: type[BaseModel] = OpenAIEmbeddingRequest) -> Any:
+    """Parse and validate a ``/v1/embeddings`` body (or, with ``schema``, another route's).
 
     Raises:
         GatewayError: INVALID_JSON, or INVALID_REQUEST naming the offending ``param``.
@@ -151,7 +153,7 @@ def parse_request(body: bytes) -> OpenAIEmbeddingRequest:
     if not isinstance(payload, dict):
         raise GatewayError(ErrorKind.INVALID_REQUEST, "request body must be a JSON object")
     try:
-        return OpenAIEmbeddingRequest.model_validate(payload)
+        return schema.model_validate(payload)
     except ValidationError as exc:
         raise validation_error(exc.errors()) from None
 
@@ -492,7 +494,39 @@ def create_app(settings: GatewaySettings | None = None, *, client: Any = None) -
 
         return await asyncio.to_thread(render)
 
+    async def create_rerank(request: Request) -> Response:
+        req = parse_request(await request.body(), RerankRequest)
+        documents = req.texts()
+        if not documents:
+            raise GatewayError(ErrorKind.INVALID_REQUEST, "'documents' must not be empty", "documents")
+        if len(documents) > settings.max_inputs:
+            raise GatewayError(ErrorKind.TOO_MANY_INPUTS,
+                               f"'documents' has {len(documents)} items; at most {settings.max_inputs} are allowed",
+                               "documents")
+        if first_blank([req.query]) is not None:
+            raise GatewayError(ErrorKind.INVALID_REQUEST, "'query' is empty", "query")
+        blank = first_blank(documents)
+        if blank is not None:
+            raise GatewayError(ErrorKind.INVALID_REQUEST, f"documents[{blank}] is empty", f"documents[{blank}]")
+        registry = request.app.state.registry
+        info = await registry.resolve(req.model)
+        if info.spec.task != "rerank":
+            raise GatewayError(ErrorKind.INVALID_REQUEST,
+                               f"the model '{req.model}' is a {info.spec.task} model, not a reranker", "model")
+        with admission.admit(len(documents)):
+            try:
+                result = await request.app.state.client.rerank(
+                    req.query, documents, model=info.name, top_n=req.top_n, instruction=req.instruction,
+                    truncate=req.truncate)
+            except ModelNotFound:  # resolved a moment ago: Triton is restarting or reloading it
+                registry.invalidate()
+                raise GatewayError(ErrorKind.NOT_READY, f"the model '{req.model}' is not ready; retry later", "model") from None
+        metrics.usage(info.name, len(documents), result.total_tokens)
+        return JSONResponse(rerank_response_json(result.results, model=req.model, total_tokens=result.total_tokens,
+                                                 return_documents=req.return_documents))
+
     for prefix in ("/v1", ""):
+        app.add_api_route(f"{prefix}/rerank", create_rerank, methods=["POST"])
         app.add_api_route(f"{prefix}/embeddings", create_embeddings, methods=["POST"])
         app.add_api_route(f"{prefix}/models", list_models, methods=["GET"])
         app.add_api_route(prefix + "/models/{model:path}", get_model, methods=["GET"])

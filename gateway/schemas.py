@@ -31,6 +31,42 @@ class OpenAIEmbeddingRequest(BaseModel):
     truncate: StrictBool = True
 
 
+class RerankDocument(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    text: StrictStr
+
+
+class RerankRequest(BaseModel):
+    """``POST /v1/rerank`` in the Cohere / Jina shape, plus ``instruction`` and ``truncate``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: StrictStr
+    query: StrictStr
+    documents: list[StrictStr | RerankDocument]
+    top_n: Annotated[StrictInt, Field(ge=1)] | None = None
+    return_documents: StrictBool = False
+    # Extensions (docs/rerank.md).
+    instruction: StrictStr | None = None
+    truncate: StrictBool = True
+
+    def texts(self) -> list[str]:
+        return [d if isinstance(d, str) else d.text for d in self.documents]
+
+
+def rerank_response_json(hits, *, model: str, total_tokens: int, return_documents: bool) -> dict[str, object]:
+    """``{"results": [{index, relevance_score, document?}], "model", "usage"}``, best first."""
+    results: list[dict[str, object]] = []
+    for hit in hits:
+        item: dict[str, object] = {"index": hit.index, "relevance_score": hit.relevance_score}
+        if return_documents:
+            item["document"] = {"text": hit.document}
+        results.append(item)
+    return {"results": results, "model": model,
+            "usage": {"prompt_tokens": int(total_tokens), "total_tokens": int(total_tokens)}}
+
+
 class OpenAIModel(BaseModel):
     id: str
     object: Literal["model"] = "model"
