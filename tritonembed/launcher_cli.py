@@ -14,7 +14,7 @@ from tritonembed.cli_options import DEFAULT_MODEL, add_static_shapes_flag, env_d
 from tritonembed.cache import cache_dir
 from tritonembed.errors import LaunchError, SpecError
 from tritonembed.model_repository.configs import GPU_BACKENDS, SPINNING_MODES, ServingOptions
-from tritonembed.spec import SPEC_FILENAME, ModelSpec
+from tritonembed.spec import SPEC_FILENAME, TASKS, ModelSpec
 
 log = logging.getLogger("tritonembed.serve")
 
@@ -41,7 +41,7 @@ def other_cached_exports(target: Path) -> list[Path]:
 
 
 def ensure_export(model: str, precision: str, max_length: int | None, name: str | None,
-                  int4_activations: str = "float32", static_shapes: bool = True) -> Path:
+                  int4_activations: str = "float32", static_shapes: bool = True, task: str = "auto") -> Path:
     """An exported directory for ``model``: ``model`` itself when it is one, else a cached export.
 
     ``int4_activations`` (``float32`` / ``float16``) is passed to the exporter for ``int4``; the GPU
@@ -54,12 +54,19 @@ def ensure_export(model: str, precision: str, max_length: int | None, name: str 
         return Path(model)
     target = export_cache_dir(model, precision, max_length, name, int4_activations, static_shapes)
     try:
-        ModelSpec.load(target)
-        log.info("using cached export %s", target)
-        return target
+        if task in ("auto", ModelSpec.load(target).task):
+            log.info("using cached export %s", target)
+            return target
     except SpecError:
         pass
     from tritonembed.export.pipeline import export_model
+    from tritonembed.export.rerank import export_reranker, resolve_task
+
+    if resolve_task(model, task) == "rerank":  # rerankers: docs/rerank.md
+        log.info("exporting reranker %s on first use into %s", model, target)
+        export_reranker(model, target, precision=precision, max_length=max_length, name=name, overwrite=True,
+                        static_shapes=static_shapes)
+        return target
 
     log.info("exporting %s (%s) on first use into %s", model, precision, target)
     others = other_cached_exports(target)
@@ -100,6 +107,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", choices=("cpu", "gpu"), default=env_default("profile", "cpu"))
     p.add_argument("--max-length", type=int, default=env_default("max_length", None, int))
     p.add_argument("--name", default=env_default("name"), help="served name (only with one model)")
+    p.add_argument("--task", choices=("auto", *TASKS), default=env_default("task", "auto"),
+                   help="embed or rerank, for checkpoints exported on first use (auto: rerank when it names a reranker)")
     p.add_argument("--instances", type=int, default=env_default("instances", 1, int), help="encoder instances")
     p.add_argument("--threads", type=int, default=env_default("threads", 0, int), help="ONNX Runtime threads per CPU instance")
     p.add_argument("--spinning", choices=SPINNING_MODES, default=env_default("spinning", ServingOptions.intra_op_spinning),
@@ -189,8 +198,8 @@ def _exports(args: argparse.Namespace) -> list[Path]:
     if args.name and len(models) > 1:
         raise LaunchError("--name applies to a single model")
     activations = "float16" if args.profile == "gpu" else "float32"  # int4 on a GPU computes in fp16
-    return [ensure_export(m, args.precision, args.max_length, args.name, activations, args.static_shapes)
-            for m in models]
+    return [ensure_export(m, args.precision, args.max_length, args.name, activations, args.static_shapes,
+                          getattr(args, "task", "auto")) for m in models]
 
 
 def cmd_repo(args: argparse.Namespace) -> int:
