@@ -8,7 +8,6 @@ leaves nothing half-written.
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import os
@@ -22,7 +21,7 @@ import numpy as np
 
 from tritonembed.errors import ExportError, OutputExistsError, ValidationError
 from tritonembed.export.families import ExportOptions, ModelFamily, family_for, read_json
-from tritonembed.export.memory import StageLog, check_resources
+from tritonembed.export.memory import StageLog, check_resources, release_freed_memory
 from tritonembed.export.onnx_export import build_pooled_encoder, export_onnx, onnx_files
 from tritonembed.export.probes import LONG_PROBE_TOKENS, PROBE_TEXTS, long_probe_text
 from tritonembed.export.resolve import ResolvedModel, resolve_model
@@ -202,13 +201,14 @@ def _export_into(staging: Path, resolved: ResolvedModel, family: ModelFamily, sp
     export_onnx(build_pooled_encoder(family.load_backbone(resolved.path), spec, family.attention), fp32_path,
                 static_shapes=static_shapes, graph_report=report.graph,
                 output_names=tuple(t.name for t in spec.encoder_outputs))
+    release_freed_memory()
     stages.stage("fp32 graph written")
 
     # Both references before any ONNX Runtime session: the PyTorch model and a session never coexist.
     reference = family.reference_embed(resolved.path, PROBE_TEXTS, spec)
     long_text = long_probe_text(tokenizer.count_untruncated, min(spec.max_length, LONG_PROBE_TOKENS))
     long_reference = family.reference_embed(resolved.path, [long_text], spec)
-    gc.collect()
+    release_freed_memory()
     stages.stage("PyTorch reference computed")
     fp32 = OnnxEncoder(fp32_path, tokenizer)
     measurements, failures = validate_against_reference(
@@ -245,11 +245,12 @@ def _export_into(staging: Path, resolved: ResolvedModel, family: ModelFamily, sp
         from tritonembed.export.quantize import quantize_onnx
 
         del fp32  # its session holds the fp32 weights; everything needed from it is computed above
-        gc.collect()
+        release_freed_memory()
         source = fp32_path
         if spec.precision == "int4" and int4_activations == "float16":  # the GPU form: int4 from the fp16 graph
             source = quantize_onnx(fp32_path, fp32_dir / "fp16" / spec.onnx_file, "fp16").model_path
         result = quantize_onnx(source, final_dir / spec.onnx_file, spec.precision)
+        release_freed_memory()
         stages.stage(f"{spec.precision} graph written")
         report.quantization = {"method": result.method, "settings": result.settings}
         quantized = OnnxEncoder(final_dir / spec.onnx_file, tokenizer)
