@@ -199,7 +199,7 @@ def _exports(args: argparse.Namespace) -> list[Path]:
         raise LaunchError("--name applies to a single model")
     activations = "float16" if args.profile == "gpu" else "float32"  # int4 on a GPU computes in fp16
     return [ensure_export(m, args.precision, args.max_length, args.name, activations, args.static_shapes,
-                          getattr(args, "task", "auto")) for m in models]
+                          task=getattr(args, "task", "auto")) for m in models]
 
 
 def cmd_repo(args: argparse.Namespace) -> int:

@@ -42,7 +42,7 @@ def test_the_gpu_profile_asks_for_float16_int4(monkeypatch):
     from tritonembed import launcher_cli
 
     asked = []
-    monkeypatch.setattr(launcher_cli, "ensure_export", lambda *a: asked.append(a) or a[0])
+    monkeypatch.setattr(launcher_cli, "ensure_export", lambda *a, **kw: asked.append(a) or a[0])
     parser = argparse.ArgumentParser()
     launcher_cli.register(parser.add_subparsers(dest="command"))
     for profile in ("gpu", "cpu"):
@@ -73,7 +73,7 @@ def test_no_static_shapes_reaches_the_export(monkeypatch):
     from tritonembed import launcher_cli
 
     asked = []
-    monkeypatch.setattr(launcher_cli, "ensure_export", lambda *a: asked.append(a) or a[0])
+    monkeypatch.setattr(launcher_cli, "ensure_export", lambda *a, **kw: asked.append(a) or a[0])
     parser = argparse.ArgumentParser()
     launcher_cli.register(parser.add_subparsers(dest="command"))
     launcher_cli._exports(parser.parse_args(["repo", "m", "--profile", "gpu", "-o", "x"]))
