@@ -3,7 +3,7 @@
 A bf16 checkpoint of the ``small`` Qwen3 shape (0.3 GB on disk, 0.6 GB of float32 weights) is exported to
 int4 and to fp16, validation included; the subprocess's peak RSS (``ru_maxrss`` from ``wait4``) must stay
 under what :func:`tritonembed.export.memory.plan_export` plans for it -- the same figure the pre-flight
-check refuses to start without. Before the export kept one float32 copy at a time it peaked at 5.1 GiB
+check refuses to start without. Before the export kept one float32 copy at a time it peaked at 4.9 GiB
 (int4) here, well above the plan's 3.0 GiB.
 """
 
