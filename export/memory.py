@@ -9,9 +9,11 @@ figures (``/proc/self/status``); elsewhere they read 0 and the stage lines still
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
+import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,16 +99,14 @@ def checkpoint_fp32_bytes(path: Path) -> int:
     """The float32 size of the weights in ``path``'s safetensors files (from their headers, no data read).
 
     Falls back to the files' size times the dtype ratio when there is no safetensors file.
-    """
-    import json
-    import struct
 
+    Raises:
+        ExportError: a safetensors file is not one.
+    """
     total = 0
     files = sorted(Path(path).glob("*.safetensors"))
     for file in files:
-        with open(file, "rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(length))
+        header = _safetensors_header(file)
         for name, entry in header.items():
             if name == "__metadata__":
                 continue
@@ -117,6 +117,28 @@ def checkpoint_fp32_bytes(path: Path) -> int:
     if files:
         return total
     return 2 * sum(f.stat().st_size for f in Path(path).glob("*.bin"))  # unknown dtype: assume 16-bit
+
+
+def _safetensors_header(file: Path) -> dict:
+    """The JSON header of one safetensors file, read without its tensors.
+
+    Raises:
+        ExportError: the file is not a safetensors file (its length prefix does not fit the file, or the
+            header is not a JSON object) -- checked before reading, so garbage never sizes an allocation.
+    """
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        prefix = f.read(8)
+        length = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else -1
+        if not 0 < length <= size - 8:
+            raise ExportError(f"cannot load weights: {file} is not a safetensors file (bad header length)")
+        try:
+            header = json.loads(f.read(length))
+        except ValueError as exc:
+            raise ExportError(f"cannot load weights: {file} has a corrupt safetensors header ({exc})") from None
+    if not isinstance(header, dict):
+        raise ExportError(f"cannot load weights: {file} has a safetensors header that is not a JSON object")
+    return header
 
 
 def plan_export(checkpoint: Path) -> ExportNeeds:

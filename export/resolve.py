@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,9 +57,21 @@ def _random_qwen3(model_id: str) -> Path:
     if shape not in QWEN3_SHAPES:
         raise ModelResolutionError(f"unknown random Qwen3 shape {shape!r}; known: {', '.join(QWEN3_SHAPES)}")
     target = cache_dir() / "random-models" / f"qwen3-{shape}"
-    if not (target / "config.json").is_file():
-        log.info("building random-weight Qwen3 model %r in %s", shape, target)
-        create_random_qwen3(target, shape=shape, seed=0)
+    if (target / "config.json").is_file() and (target / "tokenizer.json").is_file():
+        return target
+    shutil.rmtree(target, ignore_errors=True)  # left incomplete by an earlier version that built in place
+    # Built beside the target and renamed into place: a build that was killed, or one still running in
+    # another process, must never look like a finished checkpoint (its tokenizer files come last).
+    staging = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    log.info("building random-weight Qwen3 model %r in %s", shape, target)
+    create_random_qwen3(staging, shape=shape, seed=0)
+    try:
+        staging.rename(target)
+    except OSError:  # another process finished first: keep its copy
+        shutil.rmtree(staging, ignore_errors=True)
+        if not target.is_dir():
+            raise
     return target
 
 

@@ -95,3 +95,10 @@ def test_streaming_save_keeps_every_weight_and_the_outputs(tmp_path):
     np.testing.assert_array_equal(got, want)
     again = onnx.load(str(out))
     np.testing.assert_array_equal(numpy_helper.to_array({t.name: t for t in again.graph.initializer}["w1"]), w1)
+
+
+@pytest.mark.parametrize("content", [b"not a safetensors file", b"\x05\x00\x00\x00\x00\x00\x00\x00[1,2]", b"\x01"])
+def test_a_file_that_is_not_safetensors_is_a_typed_error_not_an_allocation(tmp_path, content):
+    (tmp_path / "model.safetensors").write_bytes(content)
+    with pytest.raises(ExportError, match="cannot load weights"):
+        checkpoint_fp32_bytes(tmp_path)
