@@ -73,7 +73,10 @@ MODEL_CASES = {c.key: c for c in (MINILM, QWEN_SMALL, QWEN_06B)}
 
 @dataclass
 class BenchConfig:
-    """What one ``tritonembed bench`` run measures; the defaults are the full mode, :func:`quick_config` / :func:`smoke_config` the other presets."""
+    """What one ``tritonembed bench`` run measures.
+
+    The defaults are the full mode; :func:`quick_config` and :func:`smoke_config` are the other presets.
+    """
 
     models: tuple[str, ...] = ("minilm", "qwen3-0.6b")
     precisions: tuple[str, ...] = ("fp32", "fp16", "int8", "int4")
@@ -448,8 +451,8 @@ class Bench:
         from tritonembed.benchmarks.inprocess import ort_embedder, ort_encoder
         from tritonembed.benchmarks.perf_analyzer import PerfAnalyzerError, run_perf_analyzer
         from tritonembed.client import EmbeddingClient
-        from tritonembed.model_repository.configs import ServingOptions
         from tritonembed.export.onnx_export import model_bytes
+        from tritonembed.model_repository.configs import ServingOptions
         from tritonembed.model_repository.microbatch_pool import MicroBatchPool, pool_workers
         from tritonembed.model_repository.stages import encode_requests
 

@@ -94,7 +94,6 @@ def prepare(model: str, workdir: Path, max_tokens: int, engines: Sequence[str]) 
     from tritonembed.export.onnx_export import build_pooled_encoder, export_onnx
     from tritonembed.export.pipeline import export_model
     from tritonembed.export.resolve import resolve_model
-
     from tritonembed.spec import ModelSpec
 
     fused_dir = workdir / "fused"

@@ -144,7 +144,7 @@ def parse_csv(path: Path, batch_size: int) -> list[PerfRow]:
         for rec in csv.DictReader(f):
             ips = float(rec["Inferences/Second"])
 
-            def ms(column: str) -> float:
+            def ms(column: str, rec: dict = rec) -> float:
                 return round(float(rec.get(column) or 0.0) / 1000, 3)
 
             avg_us = sum(float(rec.get(k) or 0.0) for k in latency_parts)

@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import numpy as np
+
 from tritonembed.client import _transport
 from tritonembed.client.core import (
     EmbeddingResult,
@@ -26,7 +27,6 @@ from tritonembed.client.core import (
     ready_model_names,
 )
 from tritonembed.client.errors import EmbeddingError, InvalidArgument, ModelNotFound
-
 from tritonembed.spec import ModelSpec
 
 logger = logging.getLogger("tritonembed.client")

@@ -41,11 +41,11 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+
 from tritonembed.client.aio import AsyncEmbeddingClient
 from tritonembed.client.core import RetryPolicy
 from tritonembed.client.errors import EmbeddingError, InvalidArgument, ModelNotFound
 from tritonembed.client.replicas import Replica, ReplicaPolicy
-
 from tritonembed.errors import TritonEmbedError
 from tritonembed.text_rules import is_blank
 

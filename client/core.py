@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
+
 from tritonembed.client.errors import (
     ConnectionFailed,
     EmbeddingError,
@@ -28,7 +29,6 @@ from tritonembed.client.errors import (
     ServerError,
     Timeout,
 )
-
 from tritonembed.errors import SpecError
 from tritonembed.spec import (
     DOCUMENT,

@@ -9,9 +9,9 @@ The one owner of "several replicas" in tritonembed: the gateway (``--triton-url 
   healthy one is left), which replicas serve which model.
 - :class:`ReplicatedEmbeddingClient` is the I/O shell: one :class:`~tritonembed.client.AsyncEmbeddingClient`
   per replica, a background task that reads each replica's ready models every ``health_interval`` seconds
-  (and at once after a failed request; no answer within ``health_timeout`` is down), and failover: a request whose replica fails before answering
-  (:class:`ConnectionFailed`, :class:`Overloaded`: the request never reached the model) is sent to another
-  replica, since embedding is idempotent.
+  (and at once after a failed request; no answer within ``health_timeout`` is down), and failover: a
+  request whose replica fails before answering (:class:`ConnectionFailed`, :class:`Overloaded`: the request
+  never reached the model) is sent to another replica, since embedding is idempotent.
 """
 
 from __future__ import annotations

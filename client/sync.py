@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import numpy as np
+
 from tritonembed.client import _transport
 from tritonembed.client.core import (
     EmbeddingResult,
@@ -27,7 +28,6 @@ from tritonembed.client.core import (
     ready_model_names,
 )
 from tritonembed.client.errors import EmbeddingError, InvalidArgument, ModelNotFound
-
 from tritonembed.spec import ModelSpec
 
 logger = logging.getLogger("tritonembed.client")
@@ -173,7 +173,8 @@ class EmbeddingClient:
 
     # --- models --------------------------------------------------------------------------------
     def _fetch_info(self, name: str) -> ModelInfo:
-        config = self._retrying(f"config of {name!r}", lambda: self._call("get_model_config", name, **_transport.config_kwargs(self.protocol)))
+        kwargs = _transport.config_kwargs(self.protocol)
+        config = self._retrying(f"config of {name!r}", lambda: self._call("get_model_config", name, **kwargs))
         return parse_model_config(name, config)
 
     def models(self) -> list[ModelInfo]:
@@ -182,7 +183,8 @@ class EmbeddingClient:
         Raises:
             EmbeddingError: the repository index or a config could not be read.
         """
-        index = self._retrying("repository index", lambda: self._call("get_model_repository_index", **_transport.config_kwargs(self.protocol)))
+        kwargs = _transport.config_kwargs(self.protocol)
+        index = self._retrying("repository index", lambda: self._call("get_model_repository_index", **kwargs))
         found = []
         for name in ready_model_names(index):
             try:

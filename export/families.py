@@ -206,6 +206,7 @@ class Qwen3RerankerFamily(Qwen3Family):
         """
         import torch
         from transformers import AutoModelForCausalLM
+
         from tritonembed.export.heads import YES_NO_DIRECTION
 
         ids = self.yes_no_ids(path)

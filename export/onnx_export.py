@@ -93,7 +93,6 @@ def export_onnx(encoder, output: Path, *, example_length: int = 16, static_shape
     ids = torch.full((2, example_length), 100, dtype=torch.long)
     mask = torch.ones_like(ids)
     mask[0, : example_length // 2] = 0  # a padded row so no shape-specializing shortcut is traced
-    dynamic = {"batch": 0, "sequence": 1}
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")

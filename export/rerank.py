@@ -19,11 +19,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
+from tritonembed.errors import ExportError, ValidationError
 from tritonembed.export.families import ExportOptions, family_for, read_json
 from tritonembed.export.onnx_export import build_pooled_encoder, export_onnx
 from tritonembed.export.resolve import resolve_model
-
-from tritonembed.errors import ExportError, ValidationError
 from tritonembed.spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -105,6 +105,7 @@ class OnnxReranker:
 
     def __init__(self, directory: Path, threads: int | None = None) -> None:
         import onnxruntime as ort
+
         from tritonembed.model_repository.rerank_tokenization import PairTokenizer
 
         directory = Path(directory)

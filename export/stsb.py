@@ -196,7 +196,7 @@ def onnx_embedder(
         import onnxruntime as ort
         from tokenizers import Tokenizer
     except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError(f"onnx_embedder needs onnxruntime and tokenizers: pip install 'tritonembed[export]' ({exc})")
+        raise ImportError(f"onnx_embedder needs onnxruntime and tokenizers: pip install 'tritonembed[export]' ({exc})") from exc
 
     tokenizer = Tokenizer.from_file(str(tokenizer_json_path))
     if pad_id is None:

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, PlainTextResponse, Response
+
 from tritonembed.client import EmbeddingError, ModelInfo, ModelNotFound, RetryPolicy
 from tritonembed.client.replicas import ReplicatedEmbeddingClient
 from tritonembed.gateway.admission import InputAdmission
@@ -39,7 +40,6 @@ from tritonembed.gateway.schemas import (
 )
 from tritonembed.gateway.settings import GatewaySettings
 from tritonembed.gateway.tokens import TokenDecoder
-
 from tritonembed.text_rules import blank_characters, first_blank
 
 logger = logging.getLogger("tritonembed.gateway")
@@ -51,7 +51,8 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 PUBLIC_PATHS = frozenset({"/health"})
-KNOWN_ROUTES = frozenset({"/v1/embeddings", "/embeddings", "/v1/rerank", "/rerank", "/v1/models", "/models", "/health", "/ready", "/metrics"})
+KNOWN_ROUTES = frozenset({"/v1/embeddings", "/embeddings", "/v1/rerank", "/rerank", "/v1/models", "/models",
+                          "/health", "/ready", "/metrics"})
 # Gateway -> Triton retry rounds (each round tries every replica once): short, since the API client
 # (openai-python retries 429/503) retries too.
 GATEWAY_RETRY = RetryPolicy(max_retries=2, initial_backoff=0.05, max_backoff=0.5)

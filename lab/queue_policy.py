@@ -3,7 +3,8 @@
 Builds the CPU repository twice from one export -- ``max_queue_size=N`` (a ``default_queue_policy`` with
 ``REJECT``) and ``0`` (no policy) -- and profiles one short text at concurrency 1 with perf_analyzer,
 against the tokenizer model alone and against the whole ensemble. Queue time (summed over the models
-a request went through) comes from Triton's statistics API, as a delta around each run. Alternating the two servers cancels slow load swings.
+a request went through) comes from Triton's statistics API, as a delta around each run. Alternating the
+two servers cancels slow load swings.
 
     python -m lab.queue_policy EXPORT_DIR [--requests 1000] [--rounds 1] [-o out.json]
 """

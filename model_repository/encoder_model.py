@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import os
 
-from tritonembed.model_repository.configs import ServingOptions, checked_spinning
 from tritonembed.export.onnx_export import model_bytes
+from tritonembed.model_repository.configs import ServingOptions, checked_spinning
 from tritonembed.model_repository.memory_guard import MemoryGuard, MemoryReading
 from tritonembed.model_repository.memory_model import budget_for
 from tritonembed.model_repository.microbatch_pool import MicroBatchPool, pool_workers

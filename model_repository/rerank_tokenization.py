@@ -13,14 +13,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
+from tritonembed.errors import InputError, SpecError
 from tritonembed.model_repository.tokenization import (
     EncodedBatch,
     SpecTokenizer,
     bucket_length,
     decode_text,
 )
-
-from tritonembed.errors import InputError, SpecError
 from tritonembed.spec import ModelSpec
 
 

@@ -385,9 +385,10 @@ class CharCap:
 
     Where the cut falls: just before a whitespace character that follows a non-whitespace one
     (BPE: every branch of the GPT-2-style split regex of Qwen2 either is whitespace or stops at
-    whitespace, so a match ends there and every pre-token before it is unchanged; also an NFC barrier), or just before a space or an isolated character (WordPiece: both end a pre-token and
-    the BERT normalizer is per character). Only when one pre-token spans the whole look-back window (a
-    single word of more than ``margin x chars_per_token`` characters) does a BPE cut fall inside it; the
+    whitespace, so a match ends there and every pre-token before it is unchanged; also an NFC barrier),
+    or just before a space or an isolated character (WordPiece: both end a pre-token and the BERT
+    normalizer is per character). Only when one pre-token spans the whole look-back window (a single
+    word of more than ``margin x chars_per_token`` characters) does a BPE cut fall inside it; the
     kept tokens then end at least ``margin`` tokens before the cut, relying on BPE merges not reaching
     that far back (checked on giant words, space runs, emoji and combining-mark runs in the tests).
     """

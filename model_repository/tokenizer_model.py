@@ -8,6 +8,8 @@ Every text is shrunk to the tokenizer's character cap before it is tokenized (se
 from __future__ import annotations
 
 import numpy as np
+
+from tritonembed.errors import InputError
 from tritonembed.model_repository.rerank_tokenization import (
     PairRequest,
     PairTokenizer,
@@ -24,8 +26,6 @@ from tritonembed.model_repository.triton_adapter import (
     pb_utils,
     version_dir,
 )
-
-from tritonembed.errors import InputError
 from tritonembed.spec import (
     ATTENTION_MASK,
     DOCUMENT,

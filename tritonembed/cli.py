@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tritonembed import embed_cli, launcher_cli
 from tritonembed.benchmarks import cli as bench_cli
-from tritonembed.cli_options import DEFAULT_MODEL, Parser, add_static_shapes_flag, env_default
+from tritonembed.cli_options import Parser, add_static_shapes_flag, env_default
 from tritonembed.errors import TritonEmbedError
 from tritonembed.spec import INT4_ACTIVATIONS, PRECISIONS, TASKS
 

@@ -10,8 +10,8 @@ import os
 import signal
 from pathlib import Path
 
-from tritonembed.cli_options import DEFAULT_MODEL, add_static_shapes_flag, env_default
 from tritonembed.cache import cache_dir
+from tritonembed.cli_options import DEFAULT_MODEL, add_static_shapes_flag, env_default
 from tritonembed.errors import LaunchError, SpecError
 from tritonembed.model_repository.configs import GPU_BACKENDS, SPINNING_MODES, ServingOptions
 from tritonembed.spec import SPEC_FILENAME, TASKS, ModelSpec

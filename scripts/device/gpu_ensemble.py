@@ -242,7 +242,6 @@ def write_texts(path: Path, count: int) -> None:
 
 def tokenizer_of(export: Path) -> Any:
     from tritonembed.model_repository.tokenization import SpecTokenizer
-
     from tritonembed.spec import ModelSpec
 
     spec = ModelSpec.load(export)
@@ -498,10 +497,9 @@ class Served:
 
     def __init__(self, args: argparse.Namespace, shape: str, precision: str, root: Path, *, grant: str = "",
                  limit_file: Path | None = None) -> None:
+        from tritonembed.launcher import TritonServer
         from tritonembed.model_repository.assemble import build_repository
         from tritonembed.model_repository.configs import ServingOptions
-
-        from tritonembed.launcher import TritonServer
 
         self.export = export_dir(args, shape, precision)
         self.name = model_name(shape, precision)
@@ -697,6 +695,7 @@ def cap_run(args: argparse.Namespace, precision: str, gib: float, rec: Recorder)
         EnsembleRunError: an error answer, wrong vectors, memory above the cap, or the guard not shedding.
     """
     from tritonclient.utils import InferenceServerException
+
     from tritonembed.model_repository.memory_guard import READING_TTL_S
 
     shape = args.caps_shape

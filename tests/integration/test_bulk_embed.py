@@ -23,13 +23,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
 from tritonembed.client import EmbeddingClient
 from tritonembed.client.bulk import SUCCESS, parse_part_name, read_output
 from tritonembed.export.stsb import load_stsb
+from tritonembed.launcher import TritonServer
 from tritonembed.model_repository.assemble import build_repository
 from tritonembed.model_repository.configs import ServingOptions
-
-from tritonembed.launcher import TritonServer
 
 pytestmark = pytest.mark.integration
 

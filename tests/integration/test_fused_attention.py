@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+
 from tritonembed.export.attention import FUSED_GQA, UNFUSED, graph_attention
 from tritonembed.export.families import family_by_name
 from tritonembed.export.onnx_export import build_pooled_encoder, export_onnx
@@ -23,7 +24,6 @@ from tritonembed.export.pipeline import export_model
 from tritonembed.export.resolve import resolve_model
 from tritonembed.export.validate import OnnxEncoder, compare
 from tritonembed.model_repository.tokenization import SpecTokenizer, pad_batch
-
 from tritonembed.spec import ModelSpec
 
 pytestmark = pytest.mark.integration

@@ -15,15 +15,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+
 from tritonembed.benchmarks.system import RssSampler, tree_rss_bytes
 from tritonembed.export.pipeline import export_model
 from tritonembed.export.probes import long_probe_text
 from tritonembed.export.resolve import resolve_model
+from tritonembed.launcher import TritonServer
 from tritonembed.model_repository.assemble import build_repository
 from tritonembed.model_repository.configs import ServingOptions
 from tritonembed.model_repository.tokenization import SpecTokenizer
-
-from tritonembed.launcher import TritonServer
 from tritonembed.spec import ModelSpec
 
 pytestmark = pytest.mark.integration

@@ -21,11 +21,11 @@ from pathlib import Path
 import numpy as np
 import openai
 import pytest
+
+from tests.integration.serve_process import ServeProcess
 from tritonembed.client import EmbeddingClient
 from tritonembed.export.stsb import load_stsb
-
 from tritonembed.launcher import free_port
-from tests.integration.serve_process import ServeProcess
 
 pytestmark = pytest.mark.integration
 log = logging.getLogger(__name__)

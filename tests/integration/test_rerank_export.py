@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tritonembed.errors import ValidationError
 from tritonembed.export.families import Qwen3RerankerFamily
 from tritonembed.export.rerank import (
     OnnxReranker,
@@ -22,8 +24,6 @@ from tritonembed.export.rerank import (
     sigmoid,
 )
 from tritonembed.export.testmodels import create_random_qwen3_reranker
-
-from tritonembed.errors import ValidationError
 from tritonembed.spec import ModelSpec
 
 UNSEEN = [  # (query, document): not among the export's probes

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from tritonembed.client import AsyncEmbeddingClient, EmbeddingClient, InvalidArgument
 from tritonembed.export.rerank import export_reranker, long_document, official_scores
 from tritonembed.export.testmodels import create_random_qwen3_reranker
+from tritonembed.launcher import TritonServer
 from tritonembed.model_repository.assemble import build_repository
 from tritonembed.model_repository.configs import ServingOptions
-
-from tritonembed.launcher import TritonServer
 
 log = logging.getLogger(__name__)
 NAME = "Qwen3-Reranker-tiny"

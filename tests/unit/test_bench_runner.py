@@ -9,10 +9,10 @@ import copy
 import pytest
 
 from tritonembed.benchmarks.bench import parse_variant, quick_config, smoke_config
-from tritonembed.benchmarks.summary import summarize
 from tritonembed.benchmarks.cli import bench_config, register
 from tritonembed.benchmarks.loadgen import closed_loop, make_batches, sequential_loop
 from tritonembed.benchmarks.report import BEGIN, END, fmt, render, table, write_report
+from tritonembed.benchmarks.summary import summarize
 
 
 def test_make_batches_chunks_and_token_sums():
@@ -174,8 +174,8 @@ def _result():
             "machine": {"cpu_count": 2, "Model name": "CPU", "mem_total_gib": 24.0}, "models": {"m": model}}
 
 
-PAIRED = {"rounds": [{"perf_analyzer_short_p50_ms": 4.5, "ours_short_p50_ms": 6.0, "bare_ort_short_p50_ms": 3.0, "ours_corpus_texts_per_s": 90.0,
-                      "bare_ort_corpus_texts_per_s": 100.0, "load_1min": 0.3}],
+PAIRED = {"rounds": [{"perf_analyzer_short_p50_ms": 4.5, "ours_short_p50_ms": 6.0, "bare_ort_short_p50_ms": 3.0,
+                      "ours_corpus_texts_per_s": 90.0, "bare_ort_corpus_texts_per_s": 100.0, "load_1min": 0.3}],
           "corpus_texts": 64, "corpus_tokens": 3000, "short_texts": 16, "p50_overhead_ms": 3.0, "throughput_ratio": 0.9,
           "ours_short_p50_ms": 6.0, "bare_ort_short_p50_ms": 3.0, "ours_corpus_texts_per_s": 90.0,
           "bare_ort_corpus_texts_per_s": 100.0, "perf_analyzer_short_p50_ms": 4.5, "perf_analyzer_p50_overhead_ms": 1.5}

@@ -10,9 +10,9 @@ import asyncio
 
 import numpy as np
 import pytest
+
 from tritonembed.client.bulk import AllUrlsDown, BulkError, UrlPool
 from tritonembed.client.errors import ConnectionFailed, InvalidArgument, ModelNotFound
-
 from tritonembed.launcher import free_port
 
 

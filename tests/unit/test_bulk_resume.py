@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
 from tritonembed.client import bulk
 from tritonembed.client.bulk import (
     BulkError,

@@ -26,7 +26,7 @@ from tritonembed.spec import ModelSpec
 MAX_LENGTH = 16  # small, so texts of a few hundred kB are far past the cap and the references stay cheap
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _minilm(max_length: int) -> SpecTokenizer:
     resolved = resolve_model("sentence-transformers/all-MiniLM-L6-v2")
     config = read_json(resolved.path / "config.json")
@@ -34,7 +34,7 @@ def _minilm(max_length: int) -> SpecTokenizer:
     return SpecTokenizer(resolved.path / "tokenizer.json", spec)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _qwen(directory: Path, max_length: int) -> SpecTokenizer:
     if not (directory / "tokenizer.json").exists():
         qt.save_qwen3_tokenizer(directory)

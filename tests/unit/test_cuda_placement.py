@@ -6,7 +6,6 @@ import importlib.util
 from pathlib import Path
 
 import numpy as np
-import onnx
 from onnx import TensorProto, helper
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "device" / "cuda_placement.py"

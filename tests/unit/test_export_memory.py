@@ -28,6 +28,15 @@ def test_fp32_bytes_come_from_the_parameter_count_not_the_file_size(tmp_path):
     write_safetensors_header(tmp_path / "model.safetensors", {"a": ("BF16", [1000, 64]), "b": ("BF16", [64])})
     assert checkpoint_fp32_bytes(tmp_path) == 4 * (64_000 + 64)
     plan = plan_export(tmp_path)
+    # under 2 GiB the trace serializes the proto, weights included, in memory
+    assert plan.ram_bytes == memory.BASE_OVERHEAD_BYTES + int(memory.PEAK_FP32_COPIES_IN_MEMORY_PROTO * plan.fp32_weight_bytes)
+
+
+def test_a_model_past_the_protobuf_limit_is_planned_with_external_weights(tmp_path):
+    header = json.dumps({"w": {"dtype": "BF16", "shape": [40_000, 16_384], "data_offsets": [0, 2 * 40_000 * 16_384]}}).encode()
+    (tmp_path / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header)  # the header is all it reads
+    plan = plan_export(tmp_path)
+    assert plan.fp32_weight_bytes == 4 * 40_000 * 16_384 > memory.PROTOBUF_LIMIT_BYTES
     assert plan.ram_bytes == memory.BASE_OVERHEAD_BYTES + int(memory.PEAK_FP32_COPIES * plan.fp32_weight_bytes)
 
 

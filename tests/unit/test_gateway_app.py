@@ -318,8 +318,9 @@ def test_token_id_input_decoded_with_the_model_tokenizer(stub, tmp_path):
         assert stub.calls[-1]["texts"] == ["hello world", "again"]
         r = tc.post("/v1/embeddings", json={"model": MINILM.name, "input": [1, 3]}, headers=AUTH)
         assert stub.calls[-1]["texts"] == ["hello again"] and len(r.json()["data"]) == 1
-        assert_envelope(tc.post("/v1/embeddings", json={"model": MINILM.name, "input": [99]}, headers=AUTH), 400, "invalid_value", "input[0]")
-        assert_envelope(tc.post("/v1/embeddings", json={"model": MINILM.name, "input": [[1], []]}, headers=AUTH), 400, "invalid_value", "input[1]")
+        for bad, where in (([99], "input[0]"), ([[1], []], "input[1]")):
+            assert_envelope(tc.post("/v1/embeddings", json={"model": MINILM.name, "input": bad}, headers=AUTH),
+                            400, "invalid_value", where)
         # the other model has no tokenizer configured
         assert_envelope(tc.post("/v1/embeddings", json={"model": QWEN.name, "input": [1]}, headers=AUTH), 400, "unsupported_input", "input")
 
@@ -471,8 +472,8 @@ def test_dimensions_advice_fits_an_http_caller(stub):
 
 def test_readme_gateway_command_parses_and_starts(monkeypatch):
     """`tritonembed gateway --triton-url 127.0.0.1:8001 --port 8080` (the README's line) used to crash on --log-level."""
-    from tritonembed.gateway import server
     from tritonembed import cli
+    from tritonembed.gateway import server
 
     started = []
     monkeypatch.setattr(server, "run_gateway", lambda settings: started.append(settings))

@@ -12,10 +12,10 @@ import logging
 
 import numpy as np
 import pytest
+
 from tritonembed.client.core import EmbeddingResult, ModelInfo, RetryPolicy
 from tritonembed.client.errors import ConnectionFailed, InvalidArgument, Overloaded, ServerError
 from tritonembed.client.replicas import ReplicaPolicy, ReplicatedEmbeddingClient, split_urls
-
 from tritonembed.gateway.metrics import Metrics
 from tritonembed.launcher import free_port
 

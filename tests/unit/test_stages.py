@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 
 from tritonembed.errors import InputError
+from tritonembed.export.families import BertLikeFamily, ExportOptions, read_json
+from tritonembed.export.resolve import resolve_model
 from tritonembed.model_repository.stages import (
     EncoderRowError,
     TokenizeRequest,
@@ -16,8 +18,6 @@ from tritonembed.model_repository.stages import (
     unpad_rows,
 )
 from tritonembed.model_repository.tokenization import SpecTokenizer, bucket_length, decode_text, pad_batch
-from tritonembed.export.families import BertLikeFamily, ExportOptions, read_json
-from tritonembed.export.resolve import resolve_model
 
 
 @pytest.fixture(scope="module")

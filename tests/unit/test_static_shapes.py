@@ -258,5 +258,8 @@ def test_group_query_attention_without_a_past_is_typed_and_the_graph_still_compu
     rng = np.random.default_rng(0)
     feed = {"x": rng.standard_normal((2, 5, 32)).astype(np.float32),
             "kv": rng.standard_normal((2, 5, 16)).astype(np.float32), "seqlens_k": np.array([4, 2], dtype=np.int32)}
-    run = lambda blob: ort.InferenceSession(blob, providers=["CPUExecutionProvider"]).run(None, feed)[0]
+
+    def run(blob):
+        return ort.InferenceSession(blob, providers=["CPUExecutionProvider"]).run(None, feed)[0]
+
     np.testing.assert_array_equal(run(model.SerializeToString()), run(original))

@@ -27,7 +27,6 @@ from tritonembed.supervisor import (
     rotate_logs,
 )
 
-
 # -- RestartPolicy --------------------------------------------------------------------------------------------
 
 def test_backoff_doubles_per_restart_within_the_window_up_to_the_maximum():
