@@ -41,6 +41,7 @@ from tritonembed.benchmarks.loadgen import closed_loop, make_batches
 from tritonembed.benchmarks.summary import summarize, summarize_paired
 from tritonembed.benchmarks.system import RssSampler, load_average, machine_description
 from tritonembed.errors import TritonEmbedError
+from tritonembed.precisions import NAMES as PRECISION_NAMES
 
 if TYPE_CHECKING:  # pragma: no cover
     from tritonembed.launcher import TritonServer
@@ -79,7 +80,7 @@ class BenchConfig:
     """
 
     models: tuple[str, ...] = ("minilm", "qwen3-0.6b")
-    precisions: tuple[str, ...] = ("fp32", "fp16", "int8", "int4")
+    precisions: tuple[str, ...] = PRECISION_NAMES
     texts: int = 512
     short_texts: int = 128
     threads: int = field(default_factory=lambda: os.cpu_count() or 1)

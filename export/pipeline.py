@@ -27,7 +27,9 @@ from tritonembed.export.probes import LONG_PROBE_TOKENS, PROBE_TEXTS, long_probe
 from tritonembed.export.resolve import ResolvedModel, resolve_model
 from tritonembed.export.validate import OnnxEncoder, compare, validate_against_reference
 from tritonembed.model_repository.tokenization import SpecTokenizer
-from tritonembed.spec import INT4_ACTIVATIONS, PRECISIONS, ModelSpec
+from tritonembed.precisions import NAMES as PRECISIONS
+from tritonembed.precisions import precision as precision_named
+from tritonembed.spec import INT4_ACTIVATIONS, ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +41,6 @@ REPORT_FILENAME = "report.json"
 EXPORT_REVISION = 5
 # The long probe (one text of LONG_PROBE_TOKENS) against the reference: the bar for long inputs.
 LONG_MIN_COSINE = 0.9999
-# Quality targets on STS-B (Spearman x100 drop versus FP32, real-weight models only).
-STSB_MAX_DROP = {"fp16": 0.1, "int8": 0.5, "int4": 2.0}
-# Floors on the probe set versus the FP32 export: below these a quantized export is broken, not just lossy.
-QUANTIZED_MIN_COSINE = {"fp16": 0.999, "int8": 0.95, "int4": 0.90}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
                    "merges.txt", "vocab.json", "sentencepiece.bpe.model", "spiece.model")
 
@@ -256,7 +254,7 @@ def _export_into(staging: Path, resolved: ResolvedModel, family: ModelFamily, sp
         quantized = OnnxEncoder(final_dir / spec.onnx_file, tokenizer)
         final_out = quantized.embed(PROBE_TEXTS)
         cmp = compare(final_out, fp32_out)
-        floor = QUANTIZED_MIN_COSINE[spec.precision]
+        floor = precision_named(spec.precision).min_cosine
         report.validation[f"{spec.precision}_vs_fp32"] = {**cmp.to_dict(), "min_cosine_floor": floor}
         if not cmp.finite:
             report.failures.append(f"{spec.precision}: NaN/Inf on the probe set (overflow)")
@@ -268,7 +266,7 @@ def _export_into(staging: Path, resolved: ResolvedModel, family: ModelFamily, sp
             report.failures.append(f"{spec.precision}: long input min cosine to fp32 {long_cmp.min_cosine:.4f} < {floor}")
         if fp32_scores:
             scores = stsb_scores(quantized.embed, spec.precision)
-            target = STSB_MAX_DROP[spec.precision]
+            target = precision_named(spec.precision).stsb_max_drop
             report.stsb = {
                 lang: {"fp32": fp32_scores[lang], spec.precision: scores[lang],
                        "drop": round(fp32_scores[lang] - scores[lang], 3), "max_drop_target": target,

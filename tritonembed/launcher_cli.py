@@ -10,6 +10,7 @@ import os
 import signal
 from pathlib import Path
 
+from tritonembed import precisions
 from tritonembed.cache import cache_dir
 from tritonembed.cli_options import DEFAULT_MODEL, add_static_shapes_flag, env_default
 from tritonembed.errors import LaunchError, SpecError
@@ -103,7 +104,8 @@ def _serving_options(args: argparse.Namespace):
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("models", nargs="*", default=None,
                    help=f"model ids, local checkpoints or exported directories (default: {DEFAULT_MODEL})")
-    p.add_argument("--precision", choices=("fp32", "fp16", "int8", "int4"), default=env_default("precision", "fp32"))
+    p.add_argument("--precision", choices=precisions.NAMES, default=env_default("precision", "fp32"),
+                   help="precision of models exported on first use: " + precisions.help_text())
     p.add_argument("--profile", choices=("cpu", "gpu"), default=env_default("profile", "cpu"))
     p.add_argument("--max-length", type=int, default=env_default("max_length", None, int))
     p.add_argument("--name", default=env_default("name"), help="served name (only with one model)")

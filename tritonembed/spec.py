@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from tritonembed.errors import SpecError
+from tritonembed.precisions import precision
 
 SPEC_FILENAME = "tritonembed.json"
 SPEC_SCHEMA_VERSION = 2
@@ -91,7 +92,6 @@ ENCODER_SUFFIX = "_encoder"
 # Key under which the ensemble's config.pbtxt publishes the spec (as JSON) in its `parameters`.
 SPEC_PARAMETER_KEY = "tritonembed_spec"
 
-PRECISIONS = ("fp32", "fp16", "int8", "int4")
 #: What an int4 model computes in between its 4-bit weights: float32 (CPU) or float16 (GPU).
 INT4_ACTIVATIONS = ("float32", "float16")
 #: How one row's vector is taken from the backbone's hidden states (torch code: tritonembed.export.heads).
@@ -222,8 +222,7 @@ class ModelSpec:
             raise SpecError("a reranker's pair_template must contain '{query}' and '{document}'")
         if self.pooling not in POOLINGS:
             raise SpecError(f"pooling {self.pooling!r} is not one of {POOLINGS}")
-        if self.precision not in PRECISIONS:
-            raise SpecError(f"precision {self.precision!r} is not one of {PRECISIONS}")
+        precision(self.precision)  # SpecError when it is not one
         if self.padding_side not in ("left", "right"):
             raise SpecError(f"padding_side must be 'left' or 'right', got {self.padding_side!r}")
         if self.hidden_size <= 0 or self.max_length <= 0:

