@@ -449,10 +449,10 @@ class Bench:
         by PyTorch (``torch_embed``, an :class:`~tritonembed.benchmarks.inprocess.Worker`: its own process,
         length-sorted batches of 32) when given.
         """
+        from tritonembed.artifact import model_bytes
         from tritonembed.benchmarks.inprocess import ort_embedder, ort_encoder
         from tritonembed.benchmarks.perf_analyzer import PerfAnalyzerError, run_perf_analyzer
         from tritonembed.client import EmbeddingClient
-        from tritonembed.export.onnx_export import model_bytes
         from tritonembed.model_repository.configs import ServingOptions
         from tritonembed.model_repository.microbatch_pool import MicroBatchPool, pool_workers
         from tritonembed.model_repository.stages import encode_requests

@@ -43,10 +43,10 @@ from typing import Any
 
 import numpy as np
 
+from tritonembed.artifact import model_bytes
 from tritonembed.benchmarks.flops import pass_flops, peak_flops, useful_flops
 from tritonembed.benchmarks.stats import latency_summary, ratio
 from tritonembed.errors import TritonEmbedError
-from tritonembed.export.onnx_export import model_bytes
 from tritonembed.export.validate import compare
 from tritonembed.model_repository.tokenization import pad_batch
 

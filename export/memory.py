@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from tritonembed.artifact import PROTOBUF_LIMIT_BYTES
 from tritonembed.errors import ExportError
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,6 @@ PEAK_FP32_COPIES = 2.5
 # module, the C++ proto and its serialized bytes at once (``small``: 2.9 GiB for 0.6 GiB of weights, 3.4 GiB
 # seen in CI: about 3.7 copies over the interpreter's own 0.5 GiB).
 PEAK_FP32_COPIES_IN_MEMORY_PROTO = 4.0
-PROTOBUF_LIMIT_BYTES = 2**31
 # Disk: the fp32 graph, a quantized copy beside it, and the staging files torch writes (about 3 copies).
 DISK_FP32_COPIES = 3.0
 

@@ -8,14 +8,13 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from tritonembed.artifact import external_data_file, needs_external_data
 from tritonembed.errors import ExportError
 from tritonembed.spec import ATTENTION_MASK, ENCODER_EMBEDDING_NAME, INPUT_IDS, ModelSpec
 
 log = logging.getLogger(__name__)
 
 ONNX_OPSET = 17
-EXTERNAL_DATA_SUFFIX = "_data"  # model.onnx -> model.onnx_data
-PROTOBUF_LIMIT = 2 * 1024**3
 # "unfused": the backbone traced as transformers runs it (eager attention); "gqa": a decoder with one
 # com.microsoft.GroupQueryAttention node per layer (tritonembed.export.attention; causal decoders only).
 ATTENTION_FORMS = ("unfused", "gqa")
@@ -181,7 +180,7 @@ def _save_streaming(model, source_dir: Path, output: Path) -> list[Path]:
     import onnx
 
     output = Path(output)
-    data_file = output.with_name(output.name + EXTERNAL_DATA_SUFFIX)
+    data_file = external_data_file(output)
     if data_file.exists():
         data_file.unlink()
     with open(data_file, "wb") as sink:
@@ -217,26 +216,14 @@ def save_onnx(model, output: Path) -> list[Path]:
     import onnx
 
     output = Path(output)
-    data_file = output.with_name(output.name + EXTERNAL_DATA_SUFFIX)
+    data_file = external_data_file(output)
     if data_file.exists():
         data_file.unlink()
     weights = sum(t.ByteSize() for t in model.graph.initializer)
-    if weights < PROTOBUF_LIMIT - 64 * 1024**2:
+    if not needs_external_data(weights):
         onnx.save(model, str(output))
         return [output]
     onnx.save(model, str(output), save_as_external_data=True, all_tensors_to_one_file=True,
               location=data_file.name, size_threshold=1024)
     data_file.chmod(0o644)  # onnx creates it 0600; Triton in a container may run as another user
     return [output, data_file]
-
-
-def model_bytes(model_path: Path) -> int:
-    """``model.onnx`` plus its external-data file, if any, in bytes."""
-    return sum(f.stat().st_size for f in onnx_files(model_path))
-
-
-def onnx_files(model_path: Path) -> list[Path]:
-    """``model.onnx`` plus its external-data file when there is one."""
-    model_path = Path(model_path)
-    data = model_path.with_name(model_path.name + EXTERNAL_DATA_SUFFIX)
-    return [model_path] + ([data] if data.exists() else [])

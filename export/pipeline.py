@@ -19,10 +19,11 @@ from typing import Any
 
 import numpy as np
 
+from tritonembed.artifact import onnx_files, tokenizer_files
 from tritonembed.errors import ExportError, OutputExistsError, ValidationError
 from tritonembed.export.families import ExportOptions, ModelFamily, family_for, read_json
 from tritonembed.export.memory import StageLog, check_resources, release_freed_memory
-from tritonembed.export.onnx_export import build_pooled_encoder, export_onnx, onnx_files
+from tritonembed.export.onnx_export import build_pooled_encoder, export_onnx
 from tritonembed.export.probes import LONG_PROBE_TOKENS, PROBE_TEXTS, long_probe_text
 from tritonembed.export.resolve import ResolvedModel, resolve_model
 from tritonembed.export.validate import OnnxEncoder, compare, validate_against_reference
@@ -41,8 +42,6 @@ REPORT_FILENAME = "report.json"
 EXPORT_REVISION = 5
 # The long probe (one text of LONG_PROBE_TOKENS) against the reference: the bar for long inputs.
 LONG_MIN_COSINE = 0.9999
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
-                   "merges.txt", "vocab.json", "sentencepiece.bpe.model", "spiece.model")
 
 
 @dataclass
@@ -102,9 +101,8 @@ def commit_output(staging: Path, output: Path) -> None:
 
 def copy_tokenizer(source: Path, target: Path, family: ModelFamily) -> None:
     family.tokenizer_json(source)  # raises when there is no fast tokenizer
-    for name in TOKENIZER_FILES:
-        if (source / name).is_file():
-            shutil.copy2(source / name, target / name)
+    for path in tokenizer_files(source):
+        shutil.copy2(path, target / path.name)
 
 
 def stsb_scores(embed, precision_label: str) -> dict[str, float]:

@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from tritonembed.artifact import external_data_file, needs_external_data
 from tritonembed.errors import ExportError, ValidationError
 from tritonembed.export import embedding_int8, int8_pertoken
 from tritonembed.precisions import QUANTIZED
@@ -54,8 +55,6 @@ logger = logging.getLogger(__name__)
 
 INT4_ALGORITHMS = ("rtn", "hqq")
 INT8_ACTIVATION_SCALES = ("token", "tensor")
-# Above this many bytes of tensors a model is written with external data (protobuf's hard limit is 2 GiB).
-EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 GATHER_QUANT_OPSET = 21  # int4 tensors (GatherBlockQuantized's data) need opset 21 / IR 10
 
 # fp16: op types always kept in float32, on top of ONNX Runtime's default block list.
@@ -435,11 +434,11 @@ def _save(model: onnx.ModelProto, output: Path, external_data: bool | None) -> t
     """Write ``model``; external data goes to ``<output name>_data`` when asked or when too large."""
     import onnx
 
-    data_path = output.with_name(output.name + "_data")
+    data_path = external_data_file(output)
     for stale in (output, data_path):  # onnx appends to an existing data file
         if stale.exists():
             stale.unlink()
-    use_external = _tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD if external_data is None else external_data
+    use_external = needs_external_data(_tensor_bytes(model)) if external_data is None else external_data
     if use_external:
         onnx.save_model(
             model, str(output), save_as_external_data=True, all_tensors_to_one_file=True,

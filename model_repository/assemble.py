@@ -8,6 +8,7 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
+from tritonembed.artifact import onnx_files, tokenizer_files
 from tritonembed.errors import RepositoryError, SpecError
 from tritonembed.model_repository.configs import ServingOptions, encoder_config, ensemble_config, tokenizer_config
 from tritonembed.spec import SPEC_FILENAME, ModelSpec
@@ -44,12 +45,11 @@ def _export_files(export_dir: Path, spec: ModelSpec) -> tuple[list[Path], list[P
     onnx = export_dir / spec.onnx_file
     if not onnx.is_file():
         raise RepositoryError(f"{export_dir} has no {spec.onnx_file}; run `tritonembed export` first")
-    onnx_files = [onnx] + [p for p in [export_dir / (spec.onnx_file + "_data")] if p.is_file()]
+    graph_files = onnx_files(onnx)
     tokenizer = export_dir / spec.tokenizer_file
     if not tokenizer.is_file():
         raise RepositoryError(f"{export_dir} has no {spec.tokenizer_file}")
-    tok_files = [p for p in export_dir.iterdir() if p.name.startswith(("tokenizer", "special_tokens", "vocab", "merges"))]
-    return onnx_files, tok_files
+    return graph_files, tokenizer_files(export_dir)
 
 
 def add_model(repository: Path, export_dir: Path, options: ServingOptions) -> ModelSpec:
@@ -63,7 +63,7 @@ def add_model(repository: Path, export_dir: Path, options: ServingOptions) -> Mo
         spec = ModelSpec.load(export_dir)
     except SpecError as exc:
         raise RepositoryError(f"{export_dir}: {exc}") from exc
-    onnx_files, tok_files = _export_files(export_dir, spec)
+    graph_files, tok_files = _export_files(export_dir, spec)
     for name in (spec.name, spec.tokenizer_model_name, spec.encoder_model_name):
         if (repository / name).exists():
             raise RepositoryError(f"model {name!r} is already in {repository} (two exports with one name?)")
@@ -81,7 +81,7 @@ def add_model(repository: Path, export_dir: Path, options: ServingOptions) -> Mo
     enc_dir = repository / spec.encoder_model_name / VERSION
     _write(repository / spec.encoder_model_name / "config.pbtxt", encoder_config(spec, options))
     enc_dir.mkdir(parents=True, exist_ok=True)
-    for f in onnx_files:
+    for f in graph_files:
         link_or_copy(f, enc_dir / f.name)
     if options.profile == "cpu" or options.gpu_backend == "python":
         _write(enc_dir / "model.py", SHIM.format(module="encoder_model"))

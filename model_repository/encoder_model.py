@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 
-from tritonembed.export.onnx_export import model_bytes
+from tritonembed.artifact import model_bytes
 from tritonembed.model_repository.configs import ServingOptions, checked_spinning
 from tritonembed.model_repository.memory_guard import MemoryGuard, MemoryReading
 from tritonembed.model_repository.memory_model import budget_for

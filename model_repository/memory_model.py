@@ -27,7 +27,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from tritonembed.export.onnx_export import onnx_files
+from tritonembed.artifact import onnx_files
 from tritonembed.precisions import BY_NAME
 
 log = logging.getLogger(__name__)

@@ -282,12 +282,9 @@ def build_shape(args: argparse.Namespace, shape: str) -> dict[str, Any]:
     Raises:
         ExportError / QuantizationError: the exporter or quantizer failed.
     """
+    from tritonembed.artifact import model_bytes
     from tritonembed.export.families import ExportOptions, family_for
-    from tritonembed.export.onnx_export import (
-        build_pooled_encoder,
-        export_onnx,
-        model_bytes,
-    )
+    from tritonembed.export.onnx_export import build_pooled_encoder, export_onnx
     from tritonembed.export.pipeline import ExportReport, copy_tokenizer
     from tritonembed.export.quantize import quantize_onnx
     from tritonembed.export.testmodels import create_random_qwen3

@@ -8,6 +8,7 @@ import struct
 import numpy as np
 import pytest
 
+from tritonembed.artifact import PROTOBUF_LIMIT_BYTES
 from tritonembed.errors import ExportError
 from tritonembed.export import memory
 from tritonembed.export.memory import GIB, StageLog, check_resources, checkpoint_fp32_bytes, plan_export
@@ -36,7 +37,7 @@ def test_a_model_past_the_protobuf_limit_is_planned_with_external_weights(tmp_pa
     header = json.dumps({"w": {"dtype": "BF16", "shape": [40_000, 16_384], "data_offsets": [0, 2 * 40_000 * 16_384]}}).encode()
     (tmp_path / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header)  # the header is all it reads
     plan = plan_export(tmp_path)
-    assert plan.fp32_weight_bytes == 4 * 40_000 * 16_384 > memory.PROTOBUF_LIMIT_BYTES
+    assert plan.fp32_weight_bytes == 4 * 40_000 * 16_384 > PROTOBUF_LIMIT_BYTES
     assert plan.ram_bytes == memory.BASE_OVERHEAD_BYTES + int(memory.PEAK_FP32_COPIES * plan.fp32_weight_bytes)
 
 
@@ -73,7 +74,8 @@ def test_streaming_save_keeps_every_weight_and_the_outputs(tmp_path):
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from tritonembed.export.onnx_export import _load_small_external, _save_streaming, onnx_files
+    from tritonembed.artifact import onnx_files
+    from tritonembed.export.onnx_export import _load_small_external, _save_streaming
 
     rng = np.random.default_rng(0)
     w1, w2 = rng.standard_normal((8, 300)).astype(np.float32), rng.standard_normal((300, 5)).astype(np.float32)
