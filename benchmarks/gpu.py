@@ -288,7 +288,7 @@ def agreement(run: Run, reference: Any, precision: str) -> dict[str, Any]:
 
 def bulk_phase(run: Run, shape: Any, mixed: Sequence[Sequence[int]], budget: int, seconds: float) -> dict[str, Any]:
     """The whole mixed workload through the length planner at a ``budget`` of padded tokens per micro-batch."""
-    from tritonembed.model_repository.stages import plan_microbatches
+    from tritonembed.model_repository.batching import plan_microbatches
 
     lengths = [len(r) for r in mixed]
     batches = [pad_left([mixed[i] for i in b]) for b in plan_microbatches(lengths, budget, max_rows=budget)]
@@ -305,7 +305,7 @@ def bulk_phase(run: Run, shape: Any, mixed: Sequence[Sequence[int]], budget: int
 
 def batch32_phase(run: Run, mixed: Sequence[Sequence[int]], budget: int) -> dict[str, Any]:
     """Client batches of 32 texts, each planned and run as the encoder would: latency percentiles."""
-    from tritonembed.model_repository.stages import plan_microbatches
+    from tritonembed.model_repository.batching import plan_microbatches
 
     latencies = []
     for _ in range(2):

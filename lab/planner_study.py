@@ -27,8 +27,8 @@ log = logging.getLogger("lab.planner_study")
 
 
 def planners(max_rows: int) -> dict[str, Callable[[Sequence[int]], list[list[int]]]]:
+    from tritonembed.model_repository.batching import plan_microbatches
     from tritonembed.model_repository.configs import ServingOptions
-    from tritonembed.model_repository.stages import plan_microbatches
 
     served = ServingOptions.max_tokens_per_batch
     # min_fill=0 is the planner before the length-ratio rule (token budget only).

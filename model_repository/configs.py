@@ -48,10 +48,6 @@ def checked_spinning(mode: str) -> str:
 _IDS, _MASK = "_input_ids", "_attention_mask"
 
 
-#: The micro-batch pool's second session copies the weights: above this size the encoder runs one session.
-MICROBATCH_POOL_MAX_MODEL_BYTES = 256 * 1024**2
-
-
 @dataclass(frozen=True)
 class ServingOptions:
     """Knobs of the generated repository; the defaults suit a small CPU box or one GPU."""

@@ -1,6 +1,6 @@
 """How much memory one encoder micro-batch needs, and how much the encoder may use: the token budget.
 
-One owner for the estimate the planner (:func:`~tritonembed.model_repository.stages.plan_microbatches`) obeys on
+One owner for the estimate the planner (:func:`~tritonembed.model_repository.batching.plan_microbatches`) obeys on
 CPU and GPU alike:
 
 - **weights**: the bytes of the ONNX files (``model.onnx`` + ``model.onnx_data``), once per session;

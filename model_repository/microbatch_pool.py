@@ -15,14 +15,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from tritonembed.model_repository.configs import MICROBATCH_POOL_MAX_MODEL_BYTES
+from tritonembed.model_repository.batching import MICROBATCH_POOL_MAX_MODEL_BYTES
 
 Batch = tuple[np.ndarray, np.ndarray]
 
 
 def pool_workers(requested: int, intra_op_threads: int, size: int) -> int:
     """The micro-batch workers to use: ``requested``, or 1 (no pool) with fewer than 2 intra-op threads or a
-    model over :data:`~tritonembed.model_repository.configs.MICROBATCH_POOL_MAX_MODEL_BYTES`."""
+    model over :data:`~tritonembed.model_repository.batching.MICROBATCH_POOL_MAX_MODEL_BYTES`."""
     if requested < 2 or intra_op_threads < 2 or size > MICROBATCH_POOL_MAX_MODEL_BYTES:
         return 1
     return requested

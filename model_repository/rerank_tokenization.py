@@ -15,12 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from tritonembed.errors import InputError, SpecError
-from tritonembed.model_repository.tokenization import (
-    EncodedBatch,
-    SpecTokenizer,
-    bucket_length,
-    decode_text,
-)
+from tritonembed.model_repository.batching import bucket_length
+from tritonembed.model_repository.tokenization import EncodedBatch, SpecTokenizer, decode_text
 from tritonembed.spec import ModelSpec
 
 

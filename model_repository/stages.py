@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from tritonembed.errors import InputError
-from tritonembed.model_repository.tokenization import SpecTokenizer, bucket_length, decode_text, pad_batch
+from tritonembed.model_repository.batching import DEFAULT_MIN_FILL, POOL_MIN_BATCHES, Fits, bucket_length, plan_microbatches
+from tritonembed.model_repository.tokenization import SpecTokenizer, decode_text, pad_batch
 
 
 @dataclass
@@ -127,53 +128,9 @@ def tokenize_requests(
 
 # --- encoder side (CPU and GPU profiles) ------------------------------------------------------
 
-# A row shorter than this fraction of its micro-batch's longest row starts a new micro-batch. Measured on
-# the mixed STS-B + passages workload (docs/benchmarks.md, planner study): padding waste 74-79 % with a
-# token budget alone, 5-13 % with 0.7, and 3-6x ONNX Runtime throughput on the same session.
-DEFAULT_MIN_FILL = 0.7
-
-#: ``fits(rows, length)``: whether a padded micro-batch of that size stays in the memory budget.
-Fits = Callable[[int, int], bool]
-
-
 class EncoderRowError(InputError):
     """One input of a request cannot be encoded (too long for the memory budget, or a non-finite vector):
     retrying the same input gives the same answer, so it is reported as INVALID_ARG."""
-
-
-def plan_microbatches(
-    lengths: Sequence[int], max_tokens: int, max_rows: int, min_fill: float = DEFAULT_MIN_FILL,
-    fits: Fits | None = None,
-) -> list[list[int]]:
-    """Group row indices into micro-batches of similar length.
-
-    Rows are sorted longest first and packed greedily. A micro-batch is closed when adding the next row
-    would exceed ``max_tokens`` padded tokens or ``max_rows`` rows, when ``fits`` (the memory budget, see
-    :class:`~tritonembed.model_repository.memory_model.TokenBudget`) says the larger micro-batch would not
-    fit, or when the next row is shorter than ``min_fill`` x the micro-batch's longest row (so no row
-    carries more than ``1 - min_fill`` padding). A row longer than ``max_tokens`` runs alone (the caller
-    refuses rows that do not fit even alone). Every index appears in exactly one micro-batch.
-    """
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    batches: list[list[int]] = []
-    current: list[int] = []
-    for i in order:
-        if current:
-            longest = lengths[current[0]]
-            if ((len(current) + 1) * longest > max_tokens or len(current) >= max_rows
-                    or lengths[i] < min_fill * longest
-                    or (fits is not None and not fits(len(current) + 1, longest))):
-                batches.append(current)
-                current = []
-        current.append(i)
-    if current:
-        batches.append(current)
-    return batches
-
-
-# An execute with fewer micro-batches runs them one at a time on the multi-threaded session: a few small
-# ones (concurrent short texts) are faster there than spread over one-thread workers.
-POOL_MIN_BATCHES = 4
 
 
 @dataclass

@@ -10,7 +10,6 @@ import json
 import logging
 import re
 import unicodedata
-from bisect import bisect_left
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,22 +21,6 @@ from tritonembed.spec import ModelSpec
 from tritonembed.text_rules import is_blank
 
 log = logging.getLogger(__name__)
-
-# Padded lengths the tokenizer rounds each request up to. Requests that land on the same length can
-# be merged by the encoder's dynamic batcher; steps grow by <= 1.5x so padding stays bounded.
-DEFAULT_LENGTH_BUCKETS: tuple[int, ...] = (
-    8, 16, 24, 32, 48, 64, 80, 96, 128, 160, 192, 256, 320, 384, 512,
-    640, 768, 1024, 1280, 1536, 2048, 2560, 3072, 4096, 5120, 6144, 8192,
-    10240, 12288, 16384, 20480, 24576, 32768,
-)
-
-
-def bucket_length(length: int, max_length: int, buckets: Sequence[int] = DEFAULT_LENGTH_BUCKETS) -> int:
-    """Smallest bucket >= ``length``, never above ``max_length`` (which is always allowed)."""
-    i = bisect_left(buckets, length)
-    padded = buckets[i] if i < len(buckets) else length
-    return min(max(padded, length), max(max_length, length))
-
 
 def load_tokenizer(tokenizer_json: Path, spec: ModelSpec):
     """Load ``tokenizer.json`` configured for serving: truncation at ``spec.max_length``, no padding.

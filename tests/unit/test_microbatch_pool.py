@@ -8,9 +8,9 @@ import time
 import numpy as np
 import pytest
 
-from tritonembed.model_repository.configs import MICROBATCH_POOL_MAX_MODEL_BYTES
+from tritonembed.model_repository.batching import MICROBATCH_POOL_MAX_MODEL_BYTES, POOL_MIN_BATCHES
 from tritonembed.model_repository.microbatch_pool import MicroBatchPool, pool_workers
-from tritonembed.model_repository.stages import POOL_MIN_BATCHES, encode_requests
+from tritonembed.model_repository.stages import encode_requests
 from tritonembed.model_repository.tokenization import pad_batch
 
 

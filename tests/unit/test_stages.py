@@ -8,16 +8,16 @@ import pytest
 from tritonembed.errors import InputError
 from tritonembed.export.families import BertLikeFamily, ExportOptions, read_json
 from tritonembed.export.resolve import resolve_model
+from tritonembed.model_repository.batching import bucket_length, plan_microbatches
 from tritonembed.model_repository.stages import (
     EncoderRowError,
     TokenizeRequest,
     bad_rows,
     encode_requests,
-    plan_microbatches,
     tokenize_requests,
     unpad_rows,
 )
-from tritonembed.model_repository.tokenization import SpecTokenizer, bucket_length, decode_text, pad_batch
+from tritonembed.model_repository.tokenization import SpecTokenizer, decode_text, pad_batch
 
 
 @pytest.fixture(scope="module")
