@@ -292,7 +292,7 @@ class Bench:
         return result
 
     def export(self, case: ModelCase, precision: str) -> Path:
-        from tritonembed.launcher_cli import ensure_export
+        from tritonembed.export_cache import ensure_export
 
         return ensure_export(case.model_id, precision, case.max_length, case.name)
 

@@ -1,7 +1,7 @@
-"""What ``tritonembed serve`` left in the export cache, and removing what no longer serves.
+"""The export cache of ``tritonembed serve``: where an export goes, reusing it, listing and pruning it.
 
-``serve`` keys each cached export on its arguments and the exporter's revision
-(:func:`tritonembed.launcher_cli.export_cache_dir`), so an exporter upgrade re-exports into a new folder
+``serve`` keys each cached export on its arguments and the exporter's revision (:func:`export_cache_dir`;
+:func:`ensure_export` exports on first use), so an exporter upgrade re-exports into a new folder
 and the old one stays. An export's revision is read from its ``report.json`` (``export_revision``, written
 before the export is committed), else recognised: revision 4 was the first to write ``graph.static_shapes``
 into the report. Symbolic links are left alone (listed, never removed).
@@ -9,6 +9,7 @@ into the report. Symbolic links are left alone (listed, never removed).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -18,13 +19,77 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tritonembed.errors import CacheError
-from tritonembed.spec import SPEC_FILENAME
+from tritonembed.cache import cache_dir
+from tritonembed.errors import CacheError, SpecError
+from tritonembed.spec import SPEC_FILENAME, ModelSpec
 
 log = logging.getLogger(__name__)
 
 # export_model's staging folder, and the backup commit_output keeps while it swaps a folder in
 _STAGING = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-(?P<pid>\d+)$")
+
+
+def export_cache_dir(model: str, precision: str, max_length: int | None, name: str | None,
+                     int4_activations: str = "float32", static_shapes: bool = True) -> Path:
+    """The cache folder of one ``serve`` export: its arguments and the exporter's revision, hashed."""
+    from tritonembed.export.pipeline import EXPORT_REVISION
+
+    fields = [model, precision, max_length, name, EXPORT_REVISION]
+    if precision == "int4" and int4_activations != "float32":  # the defaults keep the keys of existing caches
+        fields.append(int4_activations)
+    if not static_shapes:
+        fields.append("traced")
+    key = json.dumps(fields)
+    slug = "".join(c if c.isalnum() or c in "-._" else "-" for c in model)[-60:]
+    return cache_dir() / "exports" / f"{slug}-{precision}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+
+
+def other_cached_exports(target: Path) -> list[Path]:
+    """Cached exports of the same model and precision as ``target`` (same name up to the key's hash), but not it."""
+    prefix = target.name.rsplit("-", 1)[0] + "-"
+    return sorted(d for d in target.parent.glob(prefix + "*")
+                  if d != target and d.is_dir() and len(d.name) == len(target.name))
+
+
+def ensure_export(model: str, precision: str, max_length: int | None, name: str | None,
+                  int4_activations: str = "float32", static_shapes: bool = True, task: str = "auto") -> Path:
+    """An exported directory for ``model``: ``model`` itself when it is one, else a cached export.
+
+    ``int4_activations`` (``float32`` / ``float16``) is passed to the exporter for ``int4``; the GPU
+    profile asks for ``float16``. ``static_shapes=False`` exports the graph as traced (its own cache entry).
+
+    Raises:
+        the errors of :func:`tritonembed.export.pipeline.export_model`.
+    """
+    if (Path(model) / SPEC_FILENAME).is_file():
+        return Path(model)
+    target = export_cache_dir(model, precision, max_length, name, int4_activations, static_shapes)
+    try:
+        if task in ("auto", ModelSpec.load(target).task):
+            log.info("using cached export %s", target)
+            return target
+    except SpecError:
+        pass
+    from tritonembed.export.pipeline import export_model
+    from tritonembed.export.rerank import export_reranker, resolve_task
+
+    if resolve_task(model, task) == "rerank":  # rerankers: docs/rerank.md
+        log.info("exporting reranker %s on first use into %s", model, target)
+        export_reranker(model, target, precision=precision, max_length=max_length, name=name, overwrite=True,
+                        static_shapes=static_shapes)
+        return target
+
+    log.info("exporting %s (%s) on first use into %s", model, precision, target)
+    others = other_cached_exports(target)
+    if others:  # an exporter upgrade re-exports; what it superseded stays until the user removes it
+        size = sum(folder_bytes(d) for d in others)
+        log.info("%d other cached export(s) of %s (%s), %.1f GB: an older exporter revision or other "
+                 "arguments; `tritonembed cache prune` removes the older revisions: %s", len(others), model,
+                 precision, size / 1e9, " ".join(str(d) for d in others))
+    # STS-B is skipped here to start fast; `tritonembed export` measures it (see report.json there).
+    export_model(model, target, precision=precision, max_length=max_length, name=name, overwrite=True, run_stsb=False,
+                 int4_activations=int4_activations, static_shapes=static_shapes)
+    return target
 
 
 @dataclass(frozen=True)

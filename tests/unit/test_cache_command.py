@@ -128,7 +128,7 @@ def test_no_cache_yet(tmp_path: Path, monkeypatch, capsys) -> None:
 
 def test_the_export_serve_uses_is_never_pruned(exports: Path) -> None:
     from tests.unit.test_spec import make_spec
-    from tritonembed.launcher_cli import ensure_export, export_cache_dir
+    from tritonembed.export_cache import ensure_export, export_cache_dir
 
     target = export_cache_dir("org/model", "int8", None, None)
     target.mkdir(parents=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tritonembed.export import pipeline
-from tritonembed.launcher_cli import export_cache_dir, other_cached_exports
+from tritonembed.export_cache import export_cache_dir, other_cached_exports
 
 
 @pytest.fixture(autouse=True)
