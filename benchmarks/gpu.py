@@ -18,12 +18,15 @@ every layer 8-bit: weight-only 8-bit ``MatMulNBits``), ``int8`` (the CPU int8 gr
 Each measurement reports: where the nodes ran (ONNX Runtime's profiler, per provider), agreement
 with the PyTorch fp32 reference on probe rows (min cosine, with the tolerance of
 :data:`MIN_COSINE`), bulk throughput on the mixed STS-B + passages workload through the encoder's
-own length planner (:func:`tritonembed.model_repository.stages.plan_microbatches`) at a GPU token
+own length planner (:func:`tritonembed.model_repository.batching.plan_microbatches`) at a GPU token
 budget, latency percentiles of 32-text batches and of one short text, a compute-bound fixed shape
 (64 x 512 tokens) with MFU (:mod:`.flops`), and the process's GPU memory (NVML).
 
 Random weights: speed and memory only, never quality. ``--provider cpu`` runs the same code on
 ONNX Runtime's CPU provider (the smoke test does, on the ``tiny`` shape).
+
+One module because every measurement runs in a child process of its own (a CUDA context per variant) and the
+parent, the child entry point and the variant builders must agree on one argument and result format.
 """
 
 from __future__ import annotations

@@ -20,6 +20,9 @@ when every URL's last attempt failed and none has answered for ``deadline`` seco
 
 Memory is bounded: at most ``max_parts_in_flight`` parts (their texts and vectors) are held at a time, the input
 is read in chunks, and nothing grows with the corpus. pyarrow and tqdm are imported lazily (the ``bulk`` extra).
+
+One module because the checkpoint format (part names, ``_job.json``, ``_SUCCESS``) is one contract that the
+reader, the writer, the resume scan and the URL pool all obey; the Ray engine (:mod:`.bulk_ray`) reuses it.
 """
 
 from __future__ import annotations

@@ -7,6 +7,10 @@ transport errors onto :mod:`tritonembed.client.errors` and decide retries. Nothi
 socket, and nothing imports tritonclient, torch or transformers.
 
 Tensor names and the spec parameter key come from :mod:`tritonembed.spec`, never from here.
+
+It is long because it is the whole protocol of both shells (embed and rerank: validation, chunking,
+tensors, outputs, errors, retries); keeping it in one I/O-free module is what lets the two shells stay thin
+and the tests cover the protocol without a server.
 """
 
 from __future__ import annotations

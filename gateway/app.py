@@ -5,6 +5,10 @@ Routes: ``POST /v1/embeddings``, ``GET /v1/models``, ``GET /v1/models/{model}``,
 (Prometheus). ``/embeddings`` and ``/models`` answer too, for clients configured without ``/v1``.
 The gateway talks to Triton only through :class:`tritonembed.client.replicas.ReplicatedEmbeddingClient`
 (one or several replicas: least-loaded routing, health checks, failover).
+
+The request bodies are validated in :mod:`.schemas`, errors shaped in :mod:`.errors`, admission in
+:mod:`.admission`; what stays here is the route handlers and the middleware that wraps them (auth, deadlines,
+access log), which share the app's state.
 """
 
 from __future__ import annotations

@@ -2,6 +2,9 @@
 
 Pure functions over the Rust ``tokenizers`` library and numpy, so the served tokenization is the
 one validated at export time. No Triton import here.
+
+Its second half is the character cap (:func:`derive_char_cap` and the cut rules): a proof-carrying cut that
+is only correct together with the pre-tokenizer facts it reads from ``tokenizer.json``, kept beside them.
 """
 
 from __future__ import annotations

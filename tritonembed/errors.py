@@ -27,6 +27,10 @@ class ExportError(TritonEmbedError):
     """The ONNX export itself failed."""
 
 
+class QuantizationError(ExportError):
+    """A quantized variant could not be produced."""
+
+
 class ValidationError(TritonEmbedError):
     """The exported ONNX model does not match the PyTorch reference within tolerance."""
 

