@@ -1,4 +1,4 @@
-"""One long text through three engines: our fused export, the old unfused graph, transformers SDPA.
+"""One long text through our fused export (bare and served), the old unfused graph and transformers SDPA.
 
 ``python -m tritonembed.benchmarks.long_inputs --model random-qwen3:tiny --tokens 2048,8192,16384,32768``
 
@@ -12,7 +12,12 @@ subprocess, so one measurement's memory never counts in another's:
 * ``sdpa``: ``transformers.AutoModel(attn_implementation="sdpa")`` in PyTorch fp32 (what
   sentence-transformers runs);
 * ``fused-fp16`` (only when named in ``--engines``): the fp16 export on ONNX Runtime CPU, whose float16
-  GroupQueryAttention is not the flash path.
+  GroupQueryAttention is not the flash path;
+* ``served`` (only when named): the fused export behind a real ``tritonserver`` (the repository ``tritonembed
+  serve`` builds, CPU profile, the same thread count), one real text of about that many tokens
+  (:func:`~tritonembed.export.probes.long_probe_text`) sent to the ensemble over gRPC: tokenizer model, encoder
+  model, ONNX Runtime. The server answers one short text first, as a running server would have; its memory is
+  the server's process tree, sampled every 0.1 s (peak, and peak above idle).
 
 Each child reports the wall time of its one run, its process peak RSS (VmHWM, loading included) and the
 run's own peak above the resident size before it (``/proc/self/clear_refs`` resets VmHWM). One run per cell:
@@ -34,10 +39,11 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-ENGINES = ("fused", "unfused", "sdpa", "fused-fp16")
+ENGINES = ("fused", "unfused", "sdpa", "fused-fp16", "served")
 DEFAULT_ENGINES = "fused,unfused,sdpa"
 TITLES = {"fused": "fused export (ORT fp32, GQA)", "unfused": "unfused graph (ORT fp32)",
-          "sdpa": "transformers SDPA (fp32)", "fused-fp16": "fused export, fp16 (ORT CPU)"}
+          "sdpa": "transformers SDPA (fp32)", "fused-fp16": "fused export, fp16 (ORT CPU)",
+          "served": "fused export served (tritonserver, text)"}
 GIB = 2**30
 
 
@@ -56,6 +62,8 @@ def child(engine: str, path: str, tokens: int, threads: int) -> dict[str, Any]:
     """One run of ``engine`` on ``tokens`` random ids in this process; the measurement as a dict."""
     import numpy as np
 
+    if engine == "served":
+        return _served(Path(path).parent, tokens, threads)
     ids = np.random.default_rng(tokens).integers(0, 150000, (1, tokens)).astype(np.int64)
     if engine == "sdpa":
         import torch
@@ -88,6 +96,50 @@ def child(engine: str, path: str, tokens: int, threads: int) -> dict[str, Any]:
             "run_extra_gib": round((run_peak - before) * 1024 / GIB, 3), "finite": bool(np.isfinite(out).all())}
 
 
+def _served(export_dir: Path, tokens: int, threads: int) -> dict[str, Any]:
+    """One long text through a real tritonserver serving ``export_dir``; the measurement as a dict."""
+    import tempfile
+
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+
+    from tritonembed.benchmarks.system import RssSampler, tree_rss_bytes
+    from tritonembed.export.probes import long_probe_text
+    from tritonembed.launcher import TritonServer
+    from tritonembed.model_repository.assemble import build_repository
+    from tritonembed.model_repository.configs import ServingOptions
+    from tritonembed.model_repository.tokenization import SpecTokenizer
+    from tritonembed.spec import ModelSpec
+
+    spec = ModelSpec.load(export_dir)
+    text = long_probe_text(SpecTokenizer(export_dir / spec.tokenizer_file, spec).count_untruncated, tokens)
+
+    def infer(client, body: str):
+        data = np.array([[body.encode("utf-8")]], dtype=object)
+        tensor = grpcclient.InferInput("TEXT", list(data.shape), "BYTES")
+        tensor.set_data_from_numpy(data)
+        return client.infer(spec.name, [tensor], client_timeout=3600)
+
+    with tempfile.TemporaryDirectory(prefix="long-served-") as root:
+        models = Path(root) / "models"
+        build_repository(models, [export_dir], ServingOptions(profile="cpu", intra_op_threads=threads))
+        with TritonServer(models, log_file=Path(root) / "tritonserver.log") as triton:
+            client = grpcclient.InferenceServerClient(triton.grpc_url)
+            try:
+                infer(client, "a short text first")
+                idle = tree_rss_bytes(triton.process.pid)
+                started = time.perf_counter()
+                with RssSampler(triton.process.pid, interval=0.1) as sampler:
+                    result = infer(client, text)
+                seconds = time.perf_counter() - started
+            finally:
+                client.close()
+    out = result.as_numpy("EMBEDDING")
+    return {"engine": "served", "tokens": tokens, "served_tokens": int(result.as_numpy("TOKEN_COUNT")[0, 0]),
+            "seconds": round(seconds, 3), "peak_rss_gib": round(sampler.peak_bytes / GIB, 3),
+            "run_extra_gib": round((sampler.peak_bytes - idle) / GIB, 3), "finite": bool(np.isfinite(out).all())}
+
+
 def prepare(model: str, workdir: Path, max_tokens: int, engines: Sequence[str]) -> dict[str, str]:
     """Export ``model`` fused (the product's export), unfused and, if asked, fp16 into ``workdir``; engine -> path."""
     from tritonembed.export.families import family_by_name
@@ -102,7 +154,8 @@ def prepare(model: str, workdir: Path, max_tokens: int, engines: Sequence[str]) 
     unfused = workdir / "unfused" / "model.onnx"
     backbone = family_by_name("qwen3").load_backbone(source)
     export_onnx(build_pooled_encoder(backbone, ModelSpec.load(fused_dir), "unfused"), unfused)
-    paths = {"fused": str(fused_dir / "model.onnx"), "unfused": str(unfused), "sdpa": str(source)}
+    paths = {"fused": str(fused_dir / "model.onnx"), "unfused": str(unfused), "sdpa": str(source),
+             "served": str(fused_dir / "model.onnx")}
     if "fused-fp16" in engines:
         fp16_dir = workdir / "fused-fp16"
         export_model(model, fp16_dir, precision="fp16", max_length=max_tokens, run_stsb=False, overwrite=True)

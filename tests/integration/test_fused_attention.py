@@ -181,10 +181,12 @@ def test_long_inputs_bench_runs_each_engine_in_its_own_process(tmp_path):
     from tritonembed.benchmarks.long_inputs import main
 
     out = tmp_path / "rows.json"
-    assert main(["--tokens", "256,1024", "--unfused-max-tokens", "256", "--engines", "fused,unfused,sdpa,fused-fp16",
+    assert main(["--tokens", "256,1024", "--unfused-max-tokens", "256", "--engines", "fused,unfused,sdpa,fused-fp16,served",
                  "--workdir", str(tmp_path / "work"), "--output", str(out)]) == 0
     rows = {(r["engine"], r["tokens"]): r for r in json.loads(out.read_text())["rows"]}
-    assert set(rows) == {(e, t) for e in ("fused", "unfused", "sdpa", "fused-fp16") for t in (256, 1024)}
+    assert set(rows) == {(e, t) for e in ("fused", "unfused", "sdpa", "fused-fp16", "served") for t in (256, 1024)}
+    # the served engine sends a real text of about that many tokens through the ensemble
+    assert all(t - 64 <= rows[("served", t)]["served_tokens"] <= t for t in (256, 1024))
     assert rows[("unfused", 1024)]["skipped"] and "seconds" not in rows[("unfused", 1024)]
     for key, row in rows.items():
         if key != ("unfused", 1024):
