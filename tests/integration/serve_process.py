@@ -9,6 +9,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 
 from tritonembed.launcher import free_port
@@ -24,12 +25,14 @@ class ServeProcess:
     test leaves no server behind.
     """
 
-    def __init__(self, export: Path, workdir: Path, *, gateway: bool = True, extra: tuple[str, ...] = ()) -> None:
+    def __init__(self, export: Path | Sequence[Path], workdir: Path, *, gateway: bool = True,
+                 extra: tuple[str, ...] = ()) -> None:
         self.workdir = Path(workdir)
         self.ports = {flag: free_port() for flag in ("http", "grpc", "metrics", "gateway")}
         self.repository = self.workdir / "repo"
         self.output = self.workdir / "serve.out"
-        self.cmd = [sys.executable, "-m", "tritonembed.cli", "serve", str(export), "--repository", str(self.repository),
+        models = [str(export)] if isinstance(export, (str, Path)) else [str(e) for e in export]
+        self.cmd = [sys.executable, "-m", "tritonembed.cli", "serve", *models, "--repository", str(self.repository),
                     "--threads", "1"]
         self.cmd += [f"--{flag}-port={port}" for flag, port in self.ports.items() if gateway or flag != "gateway"]
         if not gateway:
