@@ -34,6 +34,9 @@ def test_killed_tritonserver_is_reaped_restarted_and_the_cap_exits_with_its_own_
         os.kill(first, signal.SIGKILL)
 
         second = serve.wait_new_triton(first, timeout=180)
+        # Ready over HTTP comes before serve's start() returns (it checks every model); killed before that, the
+        # death is a failed restart, not a crash of a running server: wait until serve says the restart is done.
+        serve.wait_output(f"tritonserver restarted (pid {second})", timeout=120)
         assert live_pids(members) == [] and ProcessGroup(first).pids() == []
         assert sorted(r for r in regions if (SHM_DIR / r).exists()) == []
         assert re.search(rf"by SIGKILL \[[0-9, ]*\b{stubs[0]}\b", serve.text())  # the stopped stub needed SIGKILL
