@@ -104,19 +104,13 @@ class OnnxReranker:
     """An ONNX Runtime session on an exported reranker, fed by the serving :class:`PairTokenizer`."""
 
     def __init__(self, directory: Path, threads: int | None = None) -> None:
-        import onnxruntime as ort
-
+        from tritonembed.export.validate import cpu_session
         from tritonembed.model_repository.rerank_tokenization import PairTokenizer
 
         directory = Path(directory)
         self.spec = ModelSpec.load(directory)
         self.tokenizer = PairTokenizer(directory / self.spec.tokenizer_file, self.spec)
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        options.log_severity_level = 3
-        self.session = ort.InferenceSession(str(directory / self.spec.onnx_file), options,
-                                            providers=["CPUExecutionProvider"])
+        self.session = cpu_session(directory / self.spec.onnx_file, threads)
         self.output_name = self.spec.output("yes_no_logit").encoder_name
 
     def run_ids(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:

@@ -46,17 +46,23 @@ def compare(actual: np.ndarray, expected: np.ndarray) -> Comparison:
     return Comparison(float(np.abs(actual - expected).max()), float(cos.min()), float(cos.mean()), True)
 
 
+def cpu_session(model_path: Path, threads: int | None = None):
+    """The exporter's ONNX Runtime session: CPU, ``threads`` intra-op threads (default: ONNX Runtime's), errors only
+    logged (its optimizer's warnings are about fusions it skips, not about the result)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+
+
 class OnnxEncoder:
     """An ONNX Runtime session on an exported model, fed by the serving tokenizer."""
 
     def __init__(self, model_path: Path, tokenizer: SpecTokenizer, threads: int | None = None) -> None:
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        options.log_severity_level = 3
-        self.session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+        self.session = cpu_session(model_path, threads)
         self.tokenizer = tokenizer
         self.output_name = tokenizer.spec.outputs[0].encoder_name
 
