@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from tritonembed import precisions
 from tritonembed.artifact import onnx_files, tokenizer_files
 from tritonembed.errors import ExportError, OutputExistsError, ValidationError
 from tritonembed.export.families import ExportOptions, ModelFamily, family_for, read_json
@@ -28,8 +29,6 @@ from tritonembed.export.probes import LONG_PROBE_TOKENS, PROBE_TEXTS, long_probe
 from tritonembed.export.resolve import ResolvedModel, resolve_model
 from tritonembed.export.validate import OnnxEncoder, compare, validate_against_reference
 from tritonembed.model_repository.tokenization import SpecTokenizer
-from tritonembed.precisions import NAMES as PRECISIONS
-from tritonembed.precisions import precision as precision_named
 from tritonembed.spec import INT4_ACTIVATIONS, ModelSpec
 
 log = logging.getLogger(__name__)
@@ -150,8 +149,8 @@ def export_model(
         ExportError: a file is missing/corrupt or the export itself failed.
         ValidationError: the ONNX model does not match the reference; ``output`` is left untouched.
     """
-    if precision not in PRECISIONS:
-        raise ExportError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if precision not in precisions.NAMES:
+        raise ExportError(f"unknown precision {precision!r}; choose one of {', '.join(precisions.NAMES)}")
     if int4_activations not in INT4_ACTIVATIONS:
         raise ExportError(f"unknown int4 activation type {int4_activations!r}; choose one of {', '.join(INT4_ACTIVATIONS)}")
     output = prepare_output(output, overwrite)
@@ -252,7 +251,7 @@ def _export_into(staging: Path, resolved: ResolvedModel, family: ModelFamily, sp
         quantized = OnnxEncoder(final_dir / spec.onnx_file, tokenizer)
         final_out = quantized.embed(PROBE_TEXTS)
         cmp = compare(final_out, fp32_out)
-        floor = precision_named(spec.precision).min_cosine
+        floor = precisions.precision(spec.precision).min_cosine
         report.validation[f"{spec.precision}_vs_fp32"] = {**cmp.to_dict(), "min_cosine_floor": floor}
         if not cmp.finite:
             report.failures.append(f"{spec.precision}: NaN/Inf on the probe set (overflow)")
@@ -264,7 +263,7 @@ def _export_into(staging: Path, resolved: ResolvedModel, family: ModelFamily, sp
             report.failures.append(f"{spec.precision}: long input min cosine to fp32 {long_cmp.min_cosine:.4f} < {floor}")
         if fp32_scores:
             scores = stsb_scores(quantized.embed, spec.precision)
-            target = precision_named(spec.precision).stsb_max_drop
+            target = precisions.precision(spec.precision).stsb_max_drop
             report.stsb = {
                 lang: {"fp32": fp32_scores[lang], spec.precision: scores[lang],
                        "drop": round(fp32_scores[lang] - scores[lang], 3), "max_drop_target": target,
