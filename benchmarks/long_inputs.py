@@ -15,9 +15,10 @@ subprocess, so one measurement's memory never counts in another's:
   GroupQueryAttention is not the flash path;
 * ``served`` (only when named): the fused export behind a real ``tritonserver`` (the repository ``tritonembed
   serve`` builds, CPU profile, the same thread count), one real text of about that many tokens
-  (:func:`~tritonembed.export.probes.long_probe_text`) sent to the ensemble over gRPC: tokenizer model, encoder
-  model, ONNX Runtime. The server answers one short text first, as a running server would have; its memory is
-  the server's process tree, sampled every 0.1 s (peak, and peak above idle).
+  (:func:`~tritonembed.export.probes.long_probe_text`) sent by :class:`~tritonembed.client.EmbeddingClient` over
+  gRPC through the ensemble: tokenizer model, encoder model, ONNX Runtime. The server answers one short text
+  first, as a running server would have; its memory is the server's process tree, sampled every 0.1 s (peak,
+  and peak above idle).
 
 Each child reports the wall time of its one run, its process peak RSS (VmHWM, loading included) and the
 run's own peak above the resident size before it (``/proc/self/clear_refs`` resets VmHWM). One run per cell:
@@ -101,9 +102,9 @@ def _served(export_dir: Path, tokens: int, threads: int) -> dict[str, Any]:
     import tempfile
 
     import numpy as np
-    import tritonclient.grpc as grpcclient
 
     from tritonembed.benchmarks.system import RssSampler, tree_rss_bytes
+    from tritonembed.client import EmbeddingClient, RetryPolicy
     from tritonembed.export.probes import long_probe_text
     from tritonembed.launcher import TritonServer
     from tritonembed.model_repository.assemble import build_repository
@@ -113,31 +114,21 @@ def _served(export_dir: Path, tokens: int, threads: int) -> dict[str, Any]:
 
     spec = ModelSpec.load(export_dir)
     text = long_probe_text(SpecTokenizer(export_dir / spec.tokenizer_file, spec).count_untruncated, tokens)
-
-    def infer(client, body: str):
-        data = np.array([[body.encode("utf-8")]], dtype=object)
-        tensor = grpcclient.InferInput("TEXT", list(data.shape), "BYTES")
-        tensor.set_data_from_numpy(data)
-        return client.infer(spec.name, [tensor], client_timeout=3600)
-
     with tempfile.TemporaryDirectory(prefix="long-served-") as root:
         models = Path(root) / "models"
         build_repository(models, [export_dir], ServingOptions(profile="cpu", intra_op_threads=threads))
-        with TritonServer(models, log_file=Path(root) / "tritonserver.log") as triton:
-            client = grpcclient.InferenceServerClient(triton.grpc_url)
-            try:
-                infer(client, "a short text first")
-                idle = tree_rss_bytes(triton.process.pid)
-                started = time.perf_counter()
-                with RssSampler(triton.process.pid, interval=0.1) as sampler:
-                    result = infer(client, text)
-                seconds = time.perf_counter() - started
-            finally:
-                client.close()
-    out = result.as_numpy("EMBEDDING")
-    return {"engine": "served", "tokens": tokens, "served_tokens": int(result.as_numpy("TOKEN_COUNT")[0, 0]),
+        with TritonServer(models, log_file=Path(root) / "tritonserver.log") as triton, \
+                EmbeddingClient(triton.grpc_url, spec.name, timeout=3600, retry=RetryPolicy(max_retries=0)) as client:
+            client.embed(["a short text first"])
+            idle = tree_rss_bytes(triton.process.pid)
+            started = time.perf_counter()
+            with RssSampler(triton.process.pid, interval=0.1) as sampler:
+                result = client.embed_with_usage([text])
+            seconds = time.perf_counter() - started
+    return {"engine": "served", "tokens": tokens, "served_tokens": int(result.token_counts[0]),
             "seconds": round(seconds, 3), "peak_rss_gib": round(sampler.peak_bytes / GIB, 3),
-            "run_extra_gib": round((sampler.peak_bytes - idle) / GIB, 3), "finite": bool(np.isfinite(out).all())}
+            "run_extra_gib": round((sampler.peak_bytes - idle) / GIB, 3),
+            "finite": bool(np.isfinite(result.embeddings).all())}
 
 
 def prepare(model: str, workdir: Path, max_tokens: int, engines: Sequence[str]) -> dict[str, str]:

@@ -46,4 +46,5 @@ def needs_external_data(tensor_bytes: int) -> bool:
 
 def tokenizer_files(directory: Path) -> list[Path]:
     """The tokenizer files present in ``directory``, in :data:`TOKENIZER_FILES` order."""
-    return [Path(directory) / name for name in TOKENIZER_FILES if (Path(directory) / name).is_file()]
+    directory = Path(directory)
+    return [directory / name for name in TOKENIZER_FILES if (directory / name).is_file()]
