@@ -163,11 +163,18 @@ class Qwen3Family(ModelFamily):
             batch_size = last_hidden_states.shape[0]
             return last_hidden_states[torch.arange(batch_size, device=last_hidden_states.device), sequence_lengths]
 
+        from tritonembed.export.streamed_model import has_safetensors, streamed_qwen3_backbone
+
         tokenizer = AutoTokenizer.from_pretrained(str(path), padding_side="left")
-        model = self.load_backbone(path)
         batch = tokenizer(list(texts), padding=True, truncation=True, max_length=spec.max_length, return_tensors="pt")
         with torch.no_grad():
-            outputs = model(**batch)
+            if has_safetensors(path):
+                # the same Qwen3Model as load_backbone gives, bit for bit, holding one block's weights at a
+                # time instead of a float32 copy of the whole model
+                with streamed_qwen3_backbone(path) as model:
+                    outputs = model(**batch)
+            else:
+                outputs = self.load_backbone(path)(**batch)
         emb = last_token_pool(outputs.last_hidden_state, batch["attention_mask"])
         return F.normalize(emb, p=2, dim=1).numpy()
 

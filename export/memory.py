@@ -1,25 +1,26 @@
 """Memory of a long export: per-stage RSS logging and a check, before starting, that RAM and disk suffice.
 
-The export holds, at its worst moment, the model in float32 twice (the PyTorch module and the graph
-``torch.onnx.export`` builds from it); every later stage holds one float32 copy at most. What it needs is
-planned from the checkpoint's parameter count, not from its file size (a bf16 checkpoint is half its
-float32 graph). Linux only for the RSS
+A traced export holds, at its worst moment, the model in float32 twice (the PyTorch module and the graph
+``torch.onnx.export`` builds from it); every later stage holds one float32 copy at most. A streamed one (a
+Qwen3 embedder in safetensors: the graph built one weight at a time, the reference run one layer at a time,
+the checks run on the checkpoint's own bf16 weights) holds about one copy of the 16-bit checkpoint. What it
+needs is planned from the checkpoint's parameter count, not from its file size (a bf16 checkpoint is half
+its float32 graph). Linux only for the RSS
 figures (``/proc/self/status``); elsewhere they read 0 and the stage lines still give elapsed time.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
-import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from tritonembed.artifact import PROTOBUF_LIMIT_BYTES
 from tritonembed.errors import ExportError
+from tritonembed.export.checkpoint_tensors import safetensors_header
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,9 @@ PEAK_FP32_COPIES = 2.5
 # module, the C++ proto and its serialized bytes at once (``small``: 2.9 GiB for 0.6 GiB of weights, 3.4 GiB
 # seen in CI: about 3.7 copies over the interpreter's own 0.5 GiB).
 PEAK_FP32_COPIES_IN_MEMORY_PROTO = 4.0
+# A streamed export (Qwen3 built node by node, checked with bf16 weights): peak RSS in copies of the 16-bit
+# checkpoint over the base (0.6B shape, measured: docs/export.md). The issue's bound, and what was measured under it.
+STREAMED_PEAK_CHECKPOINT_COPIES = 1.25
 # Disk: the fp32 graph, a quantized copy beside it, and the staging files torch writes (about 3 copies).
 DISK_FP32_COPIES = 3.0
 
@@ -51,6 +55,40 @@ def _status_kib(field: str) -> int:
 def rss_bytes() -> tuple[int, int]:
     """(current RSS, peak RSS so far) of this process in bytes; (0, 0) where /proc is missing."""
     return _status_kib("VmRSS") * 1024, _status_kib("VmHWM") * 1024
+
+
+def reset_peak_rss() -> bool:
+    """Start a new peak-RSS window (Linux: ``VmHWM`` restarts at the current RSS); False where unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+# glibc's mallopt parameter number for the mmap threshold, and the value the export pins it to.
+_M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD_BYTES = 1 << 20
+
+
+def return_large_blocks_to_os() -> bool:
+    """Pin glibc's mmap threshold at 1 MiB for this process, so every freed block above it leaves the RSS.
+
+    By default glibc raises the threshold to the size of each large block freed (up to 32 MiB), after which
+    weight-sized blocks (a 0.6B layer's are 4-12 MiB) come from the heap, and the heap keeps what is freed:
+    ONNX Runtime sessions that cast one weight at a time then grew by ~2 GiB per export stage. Pinning
+    the threshold also turns that adjustment off. Returns False where there is no glibc.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        mallopt = getattr(ctypes.CDLL(name), "mallopt", None) if name else None
+    except OSError:
+        return False
+    return bool(mallopt is not None and mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
 
 
 def release_freed_memory() -> None:
@@ -82,13 +120,24 @@ class StageLog:
         self.label = label
         self.started = time.perf_counter()
         self.stages: list[dict[str, float | str]] = []
+        self.peak_bytes = 0
+        reset_peak_rss()  # the first stage's peak is its own, not this process's history
 
     def stage(self, name: str) -> None:
+        """Log that ``name`` is done: RSS now and the peak since the previous stage (which stage holds what)."""
         now, peak = rss_bytes()
+        self.peak_bytes = max(self.peak_bytes, peak)
         elapsed = time.perf_counter() - self.started
         self.stages.append({"stage": name, "seconds": round(elapsed, 1), "rss_gib": round(now / GIB, 2),
                             "peak_rss_gib": round(peak / GIB, 2)})
-        log.info("%s: %s at %.1fs, RSS %.2f GiB (peak %.2f GiB)", self.label, name, elapsed, now / GIB, peak / GIB)
+        log.info("%s: %s at %.1fs, RSS %.2f GiB (peak in this stage %.2f GiB)", self.label, name, elapsed,
+                 now / GIB, peak / GIB)
+        reset_peak_rss()
+
+    @property
+    def peak_rss_gib(self) -> float:
+        """The whole export's peak so far (the largest of the stages' peaks)."""
+        return round(self.peak_bytes / GIB, 2)
 
 
 @dataclass(frozen=True)
@@ -111,7 +160,7 @@ def checkpoint_fp32_bytes(path: Path) -> int:
     total = 0
     files = sorted(Path(path).glob("*.safetensors"))
     for file in files:
-        header = _safetensors_header(file)
+        header, _ = safetensors_header(file)
         for name, entry in header.items():
             if name == "__metadata__":
                 continue
@@ -124,33 +173,20 @@ def checkpoint_fp32_bytes(path: Path) -> int:
     return 2 * sum(f.stat().st_size for f in Path(path).glob("*.bin"))  # unknown dtype: assume 16-bit
 
 
-def _safetensors_header(file: Path) -> dict:
-    """The JSON header of one safetensors file, read without its tensors.
+def plan_export(checkpoint: Path, *, streamed: bool = False) -> ExportNeeds:
+    """The RAM and disk an export of ``checkpoint`` is planned to need (module docstring).
 
-    Raises:
-        ExportError: the file is not a safetensors file (its length prefix does not fit the file, or the
-            header is not a JSON object) -- checked before reading, so garbage never sizes an allocation.
+    ``streamed``: the graph is built one weight at a time (:mod:`tritonembed.export.qwen3_graph`) and checked
+    with the checkpoint's own weights, so the plan is :data:`STREAMED_PEAK_CHECKPOINT_COPIES` of the 16-bit
+    checkpoint instead of float32 copies.
     """
-    size = file.stat().st_size
-    with open(file, "rb") as f:
-        prefix = f.read(8)
-        length = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else -1
-        if not 0 < length <= size - 8:
-            raise ExportError(f"cannot load weights: {file} is not a safetensors file (bad header length)")
-        try:
-            header = json.loads(f.read(length))
-        except ValueError as exc:
-            raise ExportError(f"cannot load weights: {file} has a corrupt safetensors header ({exc})") from None
-    if not isinstance(header, dict):
-        raise ExportError(f"cannot load weights: {file} has a safetensors header that is not a JSON object")
-    return header
-
-
-def plan_export(checkpoint: Path) -> ExportNeeds:
-    """The RAM and disk an export of ``checkpoint`` is planned to need (module docstring)."""
     fp32 = checkpoint_fp32_bytes(checkpoint)
-    copies = PEAK_FP32_COPIES_IN_MEMORY_PROTO if fp32 < PROTOBUF_LIMIT_BYTES else PEAK_FP32_COPIES
-    return ExportNeeds(fp32, BASE_OVERHEAD_BYTES + int(copies * fp32), int(DISK_FP32_COPIES * fp32))
+    if streamed:
+        ram = BASE_OVERHEAD_BYTES + int(STREAMED_PEAK_CHECKPOINT_COPIES * fp32 / 2)
+    else:
+        ram = BASE_OVERHEAD_BYTES + int((PEAK_FP32_COPIES_IN_MEMORY_PROTO if fp32 < PROTOBUF_LIMIT_BYTES
+                                         else PEAK_FP32_COPIES) * fp32)
+    return ExportNeeds(fp32, ram, int(DISK_FP32_COPIES * fp32))
 
 
 def available_ram_bytes() -> int:
@@ -173,7 +209,7 @@ def available_ram_bytes() -> int:
     return available
 
 
-def check_resources(checkpoint: Path, workdir: Path) -> ExportNeeds:
+def check_resources(checkpoint: Path, workdir: Path, *, streamed: bool = False) -> ExportNeeds:
     """Refuse to start an export that RAM or the disk under ``workdir`` cannot hold.
 
     Set ``TRITONEMBED_EXPORT_SKIP_RESOURCE_CHECK=1`` to try anyway (swap, a plan that is too high).
@@ -181,7 +217,7 @@ def check_resources(checkpoint: Path, workdir: Path) -> ExportNeeds:
     Raises:
         ExportError: less RAM available or less free disk than planned; the message says how much.
     """
-    needs = plan_export(checkpoint)
+    needs = plan_export(checkpoint, streamed=streamed)
     free_disk = shutil.disk_usage(workdir).free
     ram = available_ram_bytes()
     log.info("export plan: %.1f GiB of float32 weights, peak RAM ~%.1f GiB (%.1f available), disk ~%.1f GiB (%.1f free)",

@@ -10,6 +10,7 @@ from typing import Any
 
 from tritonembed.artifact import external_data_file, needs_external_data
 from tritonembed.errors import ExportError
+from tritonembed.export.onnx_graph import write_inline
 from tritonembed.spec import ATTENTION_MASK, ENCODER_EMBEDDING_NAME, INPUT_IDS, ModelSpec
 
 log = logging.getLogger(__name__)
@@ -221,9 +222,26 @@ def save_onnx(model, output: Path) -> list[Path]:
         data_file.unlink()
     weights = sum(t.ByteSize() for t in model.graph.initializer)
     if not needs_external_data(weights):
-        onnx.save(model, str(output))
+        write_inline(model, output)
         return [output]
     onnx.save(model, str(output), save_as_external_data=True, all_tensors_to_one_file=True,
               location=data_file.name, size_threshold=1024)
     data_file.chmod(0o644)  # onnx creates it 0600; Triton in a container may run as another user
     return [output, data_file]
+
+
+def inline_small_model(model_path: Path) -> bool:
+    """Move ``<name>_data`` back into ``model_path`` when the weights fit one protobuf (the artifact's layout:
+    one file below the threshold). Holds the model in memory once, so only below the threshold.
+
+    Returns whether it did.
+    """
+    import onnx
+
+    data_file = external_data_file(model_path)
+    if not data_file.exists() or needs_external_data(data_file.stat().st_size):
+        return False
+    model = onnx.load(str(model_path))
+    data_file.unlink()
+    write_inline(model, model_path)
+    return True

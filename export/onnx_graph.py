@@ -9,9 +9,9 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from tritonembed.artifact import external_data_file, needs_external_data
+from tritonembed.artifact import PROTOBUF_LIMIT_BYTES, external_data_file, needs_external_data
 from tritonembed.errors import QuantizationError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -110,11 +110,13 @@ def default_opset(model: onnx.ModelProto) -> int:
     return max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
 
 
-def load_graph(path: Path, *, min_opset: int | None = None) -> onnx.ModelProto:
+def load_graph(path: Path, *, min_opset: int | None = None, external_data: bool = True) -> onnx.ModelProto:
     """Load a model with its external data, first upgrading it to ``min_opset`` if lower.
 
     The upgrade runs on the graph without its tensor data (so it works above 2 GB); external-data
-    references survive onnx's version converter, and the data is read afterwards.
+    references survive onnx's version converter, and the data is read afterwards -- unless
+    ``external_data=False``: then external tensors stay references into ``path``'s folder, for a caller
+    that reads them one at a time (:func:`external_bytes`).
     """
     import onnx
 
@@ -130,7 +132,8 @@ def load_graph(path: Path, *, min_opset: int | None = None) -> onnx.ModelProto:
         restore_inline_weights(model, weights)
         if min_opset >= 21 and model.ir_version < 10:  # opset 21 (int4 types) needs IR 10
             model.ir_version = 10
-    read_external_data(model, path.parent)
+    if external_data:
+        read_external_data(model, path.parent)
     return model
 
 
@@ -182,24 +185,43 @@ def read_external_data(model: onnx.ModelProto, base_dir: Path) -> None:
     import onnx
     from onnx.external_data_helper import load_external_data_for_model
 
-    root = base_dir.resolve()
     for tensor in model.graph.initializer:
-        if tensor.data_location != onnx.TensorProto.EXTERNAL:
-            continue
-        info = {entry.key: entry.value for entry in tensor.external_data}
-        location = (root / info["location"]).resolve()
-        if root not in location.parents:
-            raise QuantizationError(f"tensor {tensor.name}: external data {info['location']!r} is outside {root}")
-        offset, length = int(info.get("offset", 0)), info.get("length")
-        with open(location, "rb") as f:
-            f.seek(offset)
-            data = f.read() if length is None else f.read(int(length))
-        if length is not None and len(data) != int(length):
-            raise QuantizationError(f"tensor {tensor.name}: {location} holds {len(data)} of {length} bytes")
-        tensor.raw_data = data
-        tensor.data_location = onnx.TensorProto.DEFAULT
-        del tensor.external_data[:]
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            set_inline(tensor, external_bytes(tensor, base_dir))
     load_external_data_for_model(model, str(base_dir))  # anything left (tensors in attributes): onnx's loader
+
+
+def external_bytes(tensor: onnx.TensorProto, base_dir: Path) -> bytes:
+    """The bytes of one external tensor, read from its file (the tensor is left as it is).
+
+    Protobuf keeps a message's data in an arena that only grows: bytes put into a tensor of a model stay
+    allocated until the whole model is freed, even after the field is cleared. Streaming stages read the
+    bytes here and put into the model only what it keeps.
+
+    Raises:
+        QuantizationError: a location outside ``base_dir``, or a file shorter than the tensor.
+    """
+    info = {entry.key: entry.value for entry in tensor.external_data}
+    root = Path(base_dir).resolve()
+    location = (root / info["location"]).resolve()
+    if root not in location.parents:
+        raise QuantizationError(f"tensor {tensor.name}: external data {info['location']!r} is outside {root}")
+    offset, length = int(info.get("offset", 0)), info.get("length")
+    with open(location, "rb") as f:
+        f.seek(offset)
+        data = f.read() if length is None else f.read(int(length))
+    if length is not None and len(data) != int(length):
+        raise QuantizationError(f"tensor {tensor.name}: {location} holds {len(data)} of {length} bytes")
+    return data
+
+
+def set_inline(tensor: onnx.TensorProto, data: bytes) -> None:
+    """Make ``tensor`` an inline tensor holding ``data``."""
+    import onnx
+
+    tensor.raw_data = data
+    tensor.data_location = onnx.TensorProto.DEFAULT
+    del tensor.external_data[:]
 
 
 def tensor_bytes(model: onnx.ModelProto) -> int:
@@ -209,6 +231,61 @@ def tensor_bytes(model: onnx.ModelProto) -> int:
     for t in model.graph.initializer:
         total += len(t.raw_data) if t.HasField("raw_data") else to_array(t).nbytes
     return total
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+# protobuf field tags (number << 3 | wire type 2, length-delimited): ModelProto.graph, GraphProto.initializer
+_MODEL_GRAPH_TAG = _varint(7 << 3 | 2)
+_GRAPH_INITIALIZER_TAG = _varint(5 << 3 | 2)
+
+
+def write_inline(model: onnx.ModelProto, output: Path) -> None:
+    """Write ``model`` as one file with its weights inline, serializing one initializer at a time.
+
+    ``onnx.save`` serializes the whole proto into one bytes object first: a second copy of every weight (a
+    1.2 GB fp16 graph costs 2.4 GB to save). Here the model without its graph, the graph without its
+    initializers and then each initializer are serialized and written in turn; protobuf reads fields in any
+    order and appends repeated ones, so the file loads as the same model.
+
+    Raises:
+        QuantizationError: the weights do not fit one protobuf (2 GiB); such a model needs external data.
+    """
+    graph = model.graph
+    sizes = [t.ByteSize() for t in graph.initializer]
+    graph_rest = _without(graph, "initializer")
+    graph_length = len(graph_rest) + sum(len(_GRAPH_INITIALIZER_TAG) + len(_varint(n)) + n for n in sizes)
+    if graph_length >= PROTOBUF_LIMIT_BYTES:
+        raise QuantizationError(f"{output}: {graph_length / 1e9:.2f} GB of graph exceeds protobuf's 2 GiB limit")
+    with open(output, "wb") as f:
+        f.write(_without(model, "graph"))
+        f.write(_MODEL_GRAPH_TAG + _varint(graph_length))
+        f.write(graph_rest)
+        for tensor, size in zip(graph.initializer, sizes):
+            f.write(_GRAPH_INITIALIZER_TAG + _varint(size))
+            f.write(tensor.SerializeToString())
+
+
+def _without(message: Any, skipped: str) -> bytes:
+    """``message`` serialized without one of its fields (the others copied into a fresh message)."""
+    rest = type(message)()
+    for field, value in message.ListFields():
+        if field.name == skipped:
+            continue
+        if field.is_repeated:
+            getattr(rest, field.name).extend(value)
+        elif field.type == field.TYPE_MESSAGE:
+            getattr(rest, field.name).CopyFrom(value)
+        else:
+            setattr(rest, field.name, value)
+    return rest.SerializeToString()
 
 
 def save_graph(model: onnx.ModelProto, output: Path, external_data: bool | None) -> tuple[Path, ...]:
@@ -226,5 +303,5 @@ def save_graph(model: onnx.ModelProto, output: Path, external_data: bool | None)
             location=data_path.name, size_threshold=1024,
         )
         return (output, data_path) if data_path.exists() else (output,)
-    onnx.save_model(model, str(output))
+    write_inline(model, output)
     return (output,)

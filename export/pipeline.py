@@ -23,8 +23,8 @@ from tritonembed import precisions
 from tritonembed.artifact import onnx_files, tokenizer_files
 from tritonembed.errors import ExportError, OutputExistsError, ValidationError
 from tritonembed.export.families import ExportOptions, ModelFamily, family_for, read_json
-from tritonembed.export.memory import StageLog, check_resources, release_freed_memory
-from tritonembed.export.onnx_export import build_pooled_encoder, export_onnx
+from tritonembed.export.memory import StageLog, check_resources, release_freed_memory, return_large_blocks_to_os
+from tritonembed.export.onnx_export import build_pooled_encoder, export_onnx, inline_small_model
 from tritonembed.export.probes import LONG_PROBE_TOKENS, PROBE_TEXTS, long_probe_text
 from tritonembed.export.resolve import ResolvedModel, resolve_model
 from tritonembed.export.validate import OnnxEncoder, compare, validate_against_reference
@@ -37,8 +37,9 @@ REPORT_FILENAME = "report.json"
 # Bumped whenever the same arguments start producing a different export (a new quantization method, a
 # graph change): caches keyed on it (``tritonembed serve``) then re-export instead of serving stale files.
 # 2: int8 with per-token activation scales. 3: int8 embedding tables as 8-bit blocks. 4: static shapes.
-# 5: Qwen3 attention as GroupQueryAttention (memory linear in length); a long-input probe.
-EXPORT_REVISION = 5
+# 5: Qwen3 attention as GroupQueryAttention (memory linear in length); a long-input probe. 6: Qwen3 embedding
+# graphs built node by node from the checkpoint (same outputs, bit for bit; fewer nodes).
+EXPORT_REVISION = 6
 # The long probe (one text of LONG_PROBE_TOKENS) against the reference: the issue's bar for long inputs.
 LONG_MIN_COSINE = 0.9999
 
@@ -154,12 +155,13 @@ def export_model(
     if int4_activations not in INT4_ACTIVATIONS:
         raise ExportError(f"unknown int4 activation type {int4_activations!r}; choose one of {', '.join(INT4_ACTIVATIONS)}")
     output = prepare_output(output, overwrite)
+    return_large_blocks_to_os()
     started = time.perf_counter()
     resolved = resolve_model(model)
     config = read_json(resolved.path / "config.json")
     family = family_for(config)
     spec = family.make_spec(resolved.path, resolved.model_id, config, ExportOptions(precision, max_length, name))
-    check_resources(resolved.path, output.parent)
+    check_resources(resolved.path, output.parent, streamed=builds_graph(resolved.path, family, spec, static_shapes))
     staging = output.with_name(f".{output.name}.tmp-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
@@ -178,6 +180,44 @@ def export_model(
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def builds_graph(checkpoint: Path, family: ModelFamily, spec: ModelSpec, static_shapes: bool) -> bool:
+    """Whether :func:`write_fp32_graph` builds this export's graph node by node (else it traces it)."""
+    from tritonembed.export import qwen3_graph
+    from tritonembed.export.streamed_model import has_safetensors
+
+    return static_shapes and family.attention == "gqa" and qwen3_graph.supports(spec) and has_safetensors(checkpoint)
+
+
+def write_fp32_graph(checkpoint: Path, family: ModelFamily, spec: ModelSpec, output: Path, static_shapes: bool,
+                     graph_report: dict[str, Any]) -> bool:
+    """The float32 graph of ``checkpoint`` at ``output``; what was built goes into ``graph_report``.
+
+    A Qwen3 embedder in safetensors is built node by node, one weight in memory at a time
+    (:mod:`tritonembed.export.qwen3_graph`: the same graph as the traced one, bit for bit, without two float32
+    copies of the model); everything else, and ``static_shapes=False`` (the graph as torch traces it), is traced.
+    Returns whether it was built (not traced).
+    """
+    from tritonembed.export import qwen3_graph
+
+    if builds_graph(checkpoint, family, spec, static_shapes):
+        model = qwen3_graph.build_qwen3_embedding_graph(checkpoint, output, spec)
+        from tritonembed.export.attention import graph_attention
+
+        graph_report.update({"builder": qwen3_graph.BUILDER, "attention": graph_attention(model),
+                             "static_shapes": {"by_construction": True, "nodes_after": len(model.graph.node)}})
+        return True
+    # No reference to the module is kept here: export_onnx frees it after the trace (one fp32 copy at a time).
+    export_onnx(build_pooled_encoder(family.load_backbone(checkpoint), spec, family.attention), output,
+                static_shapes=static_shapes, graph_report=graph_report,
+                output_names=tuple(t.name for t in spec.encoder_outputs))
+    return False
+
+
+# What report.json says of the graph the float32 checks ran on when it is not the float32 file itself.
+STORED_WEIGHTS_VALIDATION = ("the float32 graph with its weights kept in the checkpoint's dtype and cast to float32 "
+                             "where used (the same values; half the memory of the float32 file)")
+
+
 def _export_into(staging: Path, resolved: ResolvedModel, family: ModelFamily, spec: ModelSpec, run_stsb: bool,
                  int4_activations: str = "float32", static_shapes: bool = True) -> ExportReport:
     report = ExportReport(resolved.model_id, resolved.source, family.name, spec.precision, "",
@@ -192,10 +232,16 @@ def _export_into(staging: Path, resolved: ResolvedModel, family: ModelFamily, sp
     stages = StageLog(f"export {resolved.model_id} ({spec.precision})")
     log.info("exporting %s to ONNX (fp32)", resolved.model_id)
     stages.stage("start")
-    # No reference to the module is kept here: export_onnx frees it after the trace (one fp32 copy at a time).
-    export_onnx(build_pooled_encoder(family.load_backbone(resolved.path), spec, family.attention), fp32_path,
-                static_shapes=static_shapes, graph_report=report.graph,
-                output_names=tuple(t.name for t in spec.encoder_outputs))
+    built = write_fp32_graph(resolved.path, family, spec, fp32_path, static_shapes, report.graph)
+    validated_path = fp32_path
+    if built and spec.precision != "fp32":
+        # The float32 file only feeds the quantizer: its checks run on the same graph with the checkpoint's
+        # own (bf16) weights, so the export never holds a float32 copy of the model (a 4B: 15 GiB).
+        from tritonembed.export.qwen3_graph import build_qwen3_embedding_graph
+
+        validated_path = fp32_dir / "stored-weights" / spec.onnx_file
+        validated_path.parent.mkdir()
+        build_qwen3_embedding_graph(resolved.path, validated_path, spec, weights="stored")
     release_freed_memory()
     stages.stage("fp32 graph written")
 
@@ -205,13 +251,15 @@ def _export_into(staging: Path, resolved: ResolvedModel, family: ModelFamily, sp
     long_reference = family.reference_embed(resolved.path, [long_text], spec)
     release_freed_memory()
     stages.stage("PyTorch reference computed")
-    fp32 = OnnxEncoder(fp32_path, tokenizer)
+    fp32 = OnnxEncoder(validated_path, tokenizer, low_memory=validated_path != fp32_path)
     measurements, failures = validate_against_reference(
         fp32, reference, PROBE_TEXTS, atol=family.fp32_atol, min_cosine=family.fp32_min_cosine,
         padding_layouts=family.padding_layouts)
     report.validation = {"fp32_vs_reference": measurements, "probe_texts": len(PROBE_TEXTS),
                          "atol": family.fp32_atol, "min_cosine": family.fp32_min_cosine,
                          "padding_layouts": list(family.padding_layouts)}
+    if validated_path != fp32_path:
+        report.validation["fp32_graph_checked"] = STORED_WEIGHTS_VALIDATION
     report.failures.extend(f"fp32: {f}" for f in failures)
     if failures:
         return report
@@ -234,12 +282,15 @@ def _export_into(staging: Path, resolved: ResolvedModel, family: ModelFamily, sp
         final_out = fp32_out  # the session keeps the model; the file only moves
         for f in onnx_files(fp32_path):
             f.rename(final_dir / f.name)
+        inline_small_model(final_dir / spec.onnx_file)
         if fp32_scores:
             report.stsb = {lang: {"fp32": s} for lang, s in fp32_scores.items()}
     else:
         from tritonembed.export.quantize import quantize_onnx
 
         del fp32  # its session holds the fp32 weights; everything needed from it is computed above
+        if validated_path != fp32_path:
+            shutil.rmtree(validated_path.parent)
         release_freed_memory()
         source = fp32_path
         if spec.precision == "int4" and int4_activations == "float16":  # the GPU form: int4 from the fp16 graph
@@ -248,7 +299,7 @@ def _export_into(staging: Path, resolved: ResolvedModel, family: ModelFamily, sp
         release_freed_memory()
         stages.stage(f"{spec.precision} graph written")
         report.quantization = {"method": result.method, "settings": result.settings}
-        quantized = OnnxEncoder(final_dir / spec.onnx_file, tokenizer)
+        quantized = OnnxEncoder(final_dir / spec.onnx_file, tokenizer, low_memory=True)
         final_out = quantized.embed(PROBE_TEXTS)
         cmp = compare(final_out, fp32_out)
         floor = precisions.precision(spec.precision).min_cosine
@@ -276,7 +327,7 @@ def _export_into(staging: Path, resolved: ResolvedModel, family: ModelFamily, sp
     shutil.rmtree(fp32_dir, ignore_errors=True)
     _check_outputs_finite(final_out, report)
     stages.stage("validated")
-    report.memory = {"stages": stages.stages, "peak_rss_gib": max(s["peak_rss_gib"] for s in stages.stages)}
+    report.memory = {"stages": stages.stages, "peak_rss_gib": stages.peak_rss_gib}
     return report
 
 

@@ -49,10 +49,13 @@ from tritonembed.export.onnx_graph import (
     activation_type,
     default_opset,
     embedding_gathers,
+    external_bytes,
     load_graph,
     name_nodes,
+    read_external_data,
     require_module,
     save_graph,
+    set_inline,
     transformer_layers,
     weight_matmuls,
 )
@@ -338,6 +341,7 @@ def _nbits(
     op_types: tuple[str, ...],
     exclude: Iterable[str],
     accuracy_level: int | None,
+    weights_dir: Path,
 ) -> onnx.ModelProto:
     nbits = _import_nbits_quantizer()
     quant_axes = (("MatMul", 0), ("Gather", 1))
@@ -356,8 +360,64 @@ def _nbits(
         nodes_to_exclude=list(exclude), op_types_to_quantize=op_types, quant_axes=quant_axes,
         algo_config=config,
     )
+    node_quantizer = quantizer.node_quantizer
+    node_quantizer.quantize = _one_weight_at_a_time(node_quantizer.quantize, weights_dir)
+    if hasattr(node_quantizer, "quantize_ndarray"):  # the Gather tables' quantizer (RTN)
+        node_quantizer.quantize_ndarray = _by_row_chunks(node_quantizer.quantize_ndarray)
     quantizer.process()
     return quantizer.model.model
+
+
+# Rows of an embedding table quantized at once: ONNX Runtime's table quantizer makes several float32
+# temporaries of its input's size (0.6 GB each for Qwen3's 151,669 x 1,024 table).
+TABLE_CHUNK_ROWS = 8192
+
+
+def _by_row_chunks(quantize_ndarray: Any) -> Any:
+    """ONNX Runtime's ``quantize_ndarray`` on a 2-D table quantized along its rows' axis, a block of rows at a
+    time. Blocks never cross rows, and both packed outputs (4-bit data, 4-bit zero points) are packed in row
+    order from an even count per chunk, so the concatenation is the whole-table result, byte for byte."""
+
+    def run(data: np.ndarray, quantize_axis: int, block_size: int, is_symmetric: bool) -> tuple[Any, Any, Any]:
+        blocks = -(-data.shape[-1] // block_size)
+        if data.ndim != 2 or quantize_axis != 1 or data.shape[0] <= TABLE_CHUNK_ROWS or data.shape[1] % 2 or blocks % 2:
+            return quantize_ndarray(data, quantize_axis, block_size, is_symmetric)
+        parts = [quantize_ndarray(data[start:start + TABLE_CHUNK_ROWS], quantize_axis, block_size, is_symmetric)
+                 for start in range(0, data.shape[0], TABLE_CHUNK_ROWS)]
+        points = None if parts[0][2] is None else np.concatenate([p[2] for p in parts])
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), points
+
+    return run
+
+
+def _one_weight_at_a_time(quantize: Any, weights_dir: Path) -> Any:
+    """Wrap ONNX Runtime's per-node quantizer so that a graph whose float weights are external references
+    (``load_graph(..., external_data=False)``) has one of them in memory at a time.
+
+    The node's weight is read into a scratch graph of its own and quantized there; only the quantized
+    tensors are copied into the model (protobuf never frees bytes put into a model before the model goes:
+    reading every float weight into it would keep all of them). The unused float reference is removed
+    when the quantizer cleans the initializers.
+    """
+    import onnx
+
+    def run(node: Any, graph_stack: list[Any]) -> list[Any]:
+        graph = graph_stack[0]
+        names = set(node.input)
+        on_disk = [t for t in graph.initializer if t.name in names and t.data_location == onnx.TensorProto.EXTERNAL]
+        if not on_disk:
+            return quantize(node, graph_stack)
+        scratch = onnx.GraphProto()
+        for tensor in on_disk:
+            copy = scratch.initializer.add()
+            copy.CopyFrom(tensor)
+            set_inline(copy, external_bytes(tensor, weights_dir))
+        kept = len(scratch.initializer)
+        nodes = quantize(node, [scratch])
+        graph.initializer.extend(scratch.initializer[kept:])
+        return nodes
+
+    return run
 
 
 def _to_int4(
@@ -369,7 +429,8 @@ def _to_int4(
     embeddings: bool,
     accuracy_level: int | None,
 ) -> tuple[onnx.ModelProto, str, dict[str, Any]]:
-    model = load_graph(src, min_opset=GATHER_QUANT_OPSET if embeddings else None)
+    # the float weights stay on disk and are read one at a time as their node is quantized
+    model = load_graph(src, min_opset=GATHER_QUANT_OPSET if embeddings else None, external_data=False)
     name_nodes(model)
     matmuls = weight_matmuls(model)
     if not matmuls:
@@ -383,17 +444,18 @@ def _to_int4(
     if tables:
         model = _nbits(
             model, bits=4, block_size=block_size, algorithm="rtn", op_types=("Gather",),
-            exclude=other_gathers, accuracy_level=None,
+            exclude=other_gathers, accuracy_level=None, weights_dir=src.parent,
         )
     model = _nbits(
         model, bits=4, block_size=block_size, algorithm=algorithm, op_types=("MatMul",),
-        exclude=eight_bit, accuracy_level=accuracy_level,
+        exclude=eight_bit, accuracy_level=accuracy_level, weights_dir=src.parent,
     )
     if eight_bit:  # the MatMuls left as float32 by the 4-bit pass are exactly the 8-bit ones
         model = _nbits(
             model, bits=8, block_size=block_size, algorithm="rtn", op_types=("MatMul",),
-            exclude=(), accuracy_level=accuracy_level,
+            exclude=(), accuracy_level=accuracy_level, weights_dir=src.parent,
         )
+    read_external_data(model, src.parent)  # what no pass quantized (norm weights, small constants)
     method = (
         f"weight-only MatMulNBits: 4-bit {algorithm.upper()} asymmetric, block {block_size}"
         + (f"; last {n8} layer(s) 8-bit" if n8 else "")

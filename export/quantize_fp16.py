@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tritonembed.errors import QuantizationError
-from tritonembed.export.onnx_graph import load_graph, set_aside_inline_weights
+from tritonembed.export.onnx_graph import external_bytes, load_graph, set_aside_inline_weights
 
 if TYPE_CHECKING:  # pragma: no cover
     import onnx
@@ -164,9 +164,10 @@ def drop_duplicate_nodes(model: onnx.ModelProto) -> int:
 
 
 def to_fp16(src: Path) -> tuple[onnx.ModelProto, str, dict[str, Any]]:
+    import onnx
     from onnxruntime.transformers import float16
 
-    model = load_graph(src)
+    model = load_graph(src, external_data=False)  # external weights are read one at a time, at the end
     op_block = sorted(set(float16.DEFAULT_OP_BLOCK_LIST) | set(FP16_FP32_OP_TYPES))
     node_block = fp16_fp32_nodes(model)
     if any(not n for n in node_block):
@@ -174,8 +175,9 @@ def to_fp16(src: Path) -> tuple[onnx.ModelProto, str, dict[str, Any]]:
     # The converter copies the whole proto (shape inference, its own loads): it gets the graph without its
     # float weights, and each weight is converted afterwards, one at a time, by the converter's own function.
     weights = set_aside_inline_weights(model, float_only=True)
+    on_disk = {t.name for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL} - set(weights)
     model = _fp16_graph(float16, model, op_block, node_block)
-    _restore_fp16_weights(float16, model, weights)
+    _restore_fp16_weights(float16, model, weights, on_disk, src.parent)
     duplicates = drop_duplicate_nodes(model)
     round_trips = _drop_fp16_round_trips(model)
     _topological_sort(model)
@@ -211,9 +213,26 @@ def _fp16_graph(float16: Any, model: onnx.ModelProto, op_block: list[str], node_
         float16.make_value_info_from_tensor = original
 
 
-def _restore_fp16_weights(float16: Any, model: onnx.ModelProto, aside: dict[str, bytes]) -> None:
-    """Put the set-aside weights back: as float16 (the converter's rounding and clipping) where the
-    converter turned the placeholder into a float16 tensor, unchanged where it kept it float32.
+# Elements converted at once: the converter's clipping makes several temporaries of its input's size, so a
+# whole embedding table (0.6 GB in float32 for Qwen3's 151,669 x 1,024) would cost a few GiB at once.
+FP16_CHUNK_ELEMENTS = 1 << 24
+
+
+def _to_float16_bytes(float16: Any, data: bytes) -> bytes:
+    """The converter's elementwise float32 -> float16 (clipping and rounding), a chunk at a time."""
+    values = np.frombuffer(data, dtype=np.float32)
+    out = np.empty(values.shape, dtype=np.float16)
+    for start in range(0, values.size, FP16_CHUNK_ELEMENTS):
+        chunk = values[start:start + FP16_CHUNK_ELEMENTS]
+        out[start:start + chunk.size] = float16.convert_np_to_float16(chunk, FP16_MIN_POSITIVE, FP16_MAX_FINITE)
+    return out.tobytes()
+
+
+def _restore_fp16_weights(float16: Any, model: onnx.ModelProto, aside: dict[str, bytes], on_disk: set[str],
+                          weights_dir: Path) -> None:
+    """Put the weights back: the set-aside ones from ``aside``, the ``on_disk`` ones read one at a time from
+    their external-data file in ``weights_dir``; as float16 (the converter's rounding and clipping) where
+    the converter turned the placeholder into a float16 tensor, unchanged where it kept it float32.
 
     Raises:
         QuantizationError: a set-aside tensor is missing from the converted graph.
@@ -221,12 +240,13 @@ def _restore_fp16_weights(float16: Any, model: onnx.ModelProto, aside: dict[str,
     import onnx
 
     for tensor in model.graph.initializer:
+        if tensor.name in on_disk and tensor.data_location == onnx.TensorProto.EXTERNAL:
+            aside[tensor.name] = external_bytes(tensor, weights_dir)  # not via the model: see external_bytes
         if tensor.name not in aside:
             continue
         data = aside.pop(tensor.name)
         if tensor.data_type == onnx.TensorProto.FLOAT16:
-            data = float16.convert_np_to_float16(np.frombuffer(data, dtype=np.float32), FP16_MIN_POSITIVE,
-                                                 FP16_MAX_FINITE).tobytes()
+            data = _to_float16_bytes(float16, data)
         tensor.raw_data = data
         tensor.ClearField("data_location")
         del tensor.external_data[:]

@@ -46,23 +46,35 @@ def compare(actual: np.ndarray, expected: np.ndarray) -> Comparison:
     return Comparison(float(np.abs(actual - expected).max()), float(cos.min()), float(cos.mean()), True)
 
 
-def cpu_session(model_path: Path, threads: int | None = None):
+def cpu_session(model_path: Path, threads: int | None = None, *, low_memory: bool = False):
     """The exporter's ONNX Runtime session: CPU, ``threads`` intra-op threads (default: ONNX Runtime's), errors only
-    logged (its optimizer's warnings are about fusions it skips, not about the result)."""
+    logged (its optimizer's warnings are about fusions it skips, not about the result).
+
+    ``low_memory``: weight casts stay casts, run when the weight is used (constant folding would store a
+    float32 copy of every cast weight: the validation form of :mod:`tritonembed.export.qwen3_graph`, or an
+    fp16 graph on a CPU, where ONNX Runtime casts float16 MatMuls to float32), and freed tensors go back to
+    the OS instead of ONNX Runtime's arena, which keeps its high-water mark. Same outputs, slower runs.
+    """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
     options.log_severity_level = 3
-    return ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+    disabled = []
+    if low_memory:
+        disabled = ["ConstantFolding"]
+        options.enable_cpu_mem_arena = False
+    return ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"],
+                                disabled_optimizers=disabled)
 
 
 class OnnxEncoder:
     """An ONNX Runtime session on an exported model, fed by the serving tokenizer."""
 
-    def __init__(self, model_path: Path, tokenizer: SpecTokenizer, threads: int | None = None) -> None:
-        self.session = cpu_session(model_path, threads)
+    def __init__(self, model_path: Path, tokenizer: SpecTokenizer, threads: int | None = None, *,
+                 low_memory: bool = False) -> None:
+        self.session = cpu_session(model_path, threads, low_memory=low_memory)
         self.tokenizer = tokenizer
         self.output_name = tokenizer.spec.outputs[0].encoder_name
 

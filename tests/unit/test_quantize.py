@@ -511,3 +511,18 @@ def test_different_nodes_writing_one_output_are_refused() -> None:
 
     with pytest.raises(QuantizationError, match="two different nodes"):
         drop_duplicate_nodes(_cast_graph(onnx.TensorProto.DOUBLE))
+
+
+@pytest.mark.parametrize("shape", [(20_001, 64), (8_193, 96), (30_000, 48), (9_000, 33)])
+def test_table_quantized_by_row_chunks_is_byte_identical(shape):
+    """The embedding table's 4-bit quantization, a block of rows at a time, equals ONNX Runtime's whole-table
+    result (odd row counts; a width whose block count is odd or a width that is odd falls back to one call)."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantizer
+
+    from tritonembed.export.quantize import _by_row_chunks
+
+    table = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
+    whole = DefaultWeightOnlyQuantizer.quantize_ndarray(table, 1, 32, False)
+    chunked = _by_row_chunks(DefaultWeightOnlyQuantizer.quantize_ndarray)(table, 1, 32, False)
+    for a, b in zip(whole, chunked):
+        assert a.shape == b.shape and a.dtype == b.dtype and a.tobytes() == b.tobytes()
