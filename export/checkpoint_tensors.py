@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,9 +20,16 @@ import numpy as np
 
 from tritonembed.errors import ExportError
 
+# What one read of a large tensor's rows holds (the embedding table is read in pieces of about this size).
+CHUNK_BYTES = 64 << 20
 # safetensors dtype names -> torch dtype names
 _TORCH_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
                  "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
+def has_safetensors(path: Path) -> bool:
+    """Whether the checkpoint's weights are safetensors files (what the streamed stages read)."""
+    return any(Path(path).glob("*.safetensors"))
 
 
 def safetensors_header(file: Path) -> tuple[dict, int]:
@@ -93,9 +101,7 @@ class CheckpointTensors:
         """
         import torch
 
-        entry = self._entries.get(name)
-        if entry is None:
-            raise ExportError(f"cannot load weights from {self.directory}: no tensor {name!r}")
+        entry = self._entry(name)
         data = bytearray(entry.end - entry.start)
         with open(entry.file, "rb") as f:
             f.seek(entry.start)
@@ -106,12 +112,56 @@ class CheckpointTensors:
             return torch.empty(entry.shape, dtype=dtype)
         return torch.frombuffer(data, dtype=dtype).reshape(entry.shape)
 
-    def dtype(self, name: str) -> str:
-        """The stored dtype's torch name (``bfloat16``, ``float32``, ...). Raises: ExportError when absent."""
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The stored shape. Raises: ExportError when absent."""
+        return self._entry(name).shape
+
+    def row_chunks(self, name: str, chunk_bytes: int | None = None) -> Iterator[tuple[int, Any]]:
+        """``(first row, rows)`` of a tensor along its first axis, about ``chunk_bytes`` read at a time, in its
+        stored dtype: a table (Qwen3's embedding: 0.3 GB in bf16, 0.6 GB in float32) never whole in memory.
+
+        Raises: ExportError when the checkpoint has no tensor of that name or its file is short.
+        """
+        import torch
+
+        entry = self._entry(name)
+        chunk_bytes = chunk_bytes or CHUNK_BYTES
+        dtype = getattr(torch, entry.dtype)
+        rows = entry.shape[0] if entry.shape else 1
+        row_bytes = (entry.end - entry.start) // max(rows, 1)
+        step = max(1, chunk_bytes // max(row_bytes, 1))
+        with open(entry.file, "rb") as f:
+            for first in range(0, rows, step):
+                count = min(step, rows - first)
+                data = bytearray(count * row_bytes)
+                f.seek(entry.start + first * row_bytes)
+                if f.readinto(data) != len(data):
+                    raise ExportError(f"cannot load weights: {entry.file} is shorter than its tensor {name!r}")
+                yield first, torch.frombuffer(data, dtype=dtype).reshape((count, *entry.shape[1:]))
+
+    def copy_into(self, name: str, destination: Any) -> None:
+        """Copy a tensor into ``destination`` (a torch tensor of its shape, any float dtype), a chunk of rows at
+        a time: the stored copy is never whole in memory beside the destination.
+
+        Raises: ExportError when the shapes differ or the tensor is absent.
+        """
+        if tuple(destination.shape) != self.shape(name):
+            raise ExportError(f"tensor {name!r} is {self.shape(name)} in the checkpoint, {tuple(destination.shape)} in the model")
+        if not destination.dim():
+            destination.copy_(self.stored(name))
+            return
+        for first, rows in self.row_chunks(name):
+            destination[first:first + rows.shape[0]].copy_(rows)
+
+    def _entry(self, name: str) -> _Entry:
         entry = self._entries.get(name)
         if entry is None:
             raise ExportError(f"cannot load weights from {self.directory}: no tensor {name!r}")
-        return entry.dtype
+        return entry
+
+    def dtype(self, name: str) -> str:
+        """The stored dtype's torch name (``bfloat16``, ``float32``, ...). Raises: ExportError when absent."""
+        return self._entry(name).dtype
 
     def as_stored(self, name: str, *, transpose: bool = False) -> np.ndarray:
         """One tensor in its stored dtype, C-contiguous; bfloat16 (which numpy lacks) as its raw 16-bit words

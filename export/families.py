@@ -163,7 +163,8 @@ class Qwen3Family(ModelFamily):
             batch_size = last_hidden_states.shape[0]
             return last_hidden_states[torch.arange(batch_size, device=last_hidden_states.device), sequence_lengths]
 
-        from tritonembed.export.streamed_model import has_safetensors, streamed_qwen3_backbone
+        from tritonembed.export.checkpoint_tensors import has_safetensors
+        from tritonembed.export.streamed_model import streamed_qwen3_backbone
 
         tokenizer = AutoTokenizer.from_pretrained(str(path), padding_side="left")
         batch = tokenizer(list(texts), padding=True, truncation=True, max_length=spec.max_length, return_tensors="pt")

@@ -183,7 +183,7 @@ def export_model(
 def builds_graph(checkpoint: Path, family: ModelFamily, spec: ModelSpec, static_shapes: bool) -> bool:
     """Whether :func:`write_fp32_graph` builds this export's graph node by node (else it traces it)."""
     from tritonembed.export import qwen3_graph
-    from tritonembed.export.streamed_model import has_safetensors
+    from tritonembed.export.checkpoint_tensors import has_safetensors
 
     return static_shapes and family.attention == "gqa" and qwen3_graph.supports(spec) and has_safetensors(checkpoint)
 

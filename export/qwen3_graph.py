@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import json
 import logging
+import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -93,21 +95,31 @@ class ExternalDataWriter:
 
     def add(self, name: str, array: np.ndarray, data_type: int | None = None) -> Any:
         """``data_type``: the ONNX element type when the array's own is not it (bfloat16 as int16 words)."""
-        import onnx
         from onnx import helper
 
         data = np.ascontiguousarray(array)
+        element = data_type if data_type is not None else helper.np_dtype_to_tensor_dtype(data.dtype)
+        return self.add_chunks(name, data.shape, element, [data])
+
+    def add_chunks(self, name: str, shape: tuple[int, ...], data_type: int, chunks: Iterable[np.ndarray]) -> Any:
+        """One tensor written from consecutive pieces (rows of a table), each dropped once written."""
+        import onnx
+
         position = self._file.seek(0, 2)
         pad = -position % ALIGNMENT
         self._file.write(b"\0" * pad)
-        self._file.write(memoryview(data).cast("B"))  # the array's own buffer: no bytes copy
-        self.bytes_written += data.nbytes
+        length = 0
+        for chunk in chunks:
+            data = np.ascontiguousarray(chunk)
+            self._file.write(memoryview(data).cast("B"))  # the array's own buffer: no bytes copy
+            length += data.nbytes
+        self.bytes_written += length
         tensor = onnx.TensorProto()
         tensor.name = name
-        tensor.data_type = data_type if data_type is not None else helper.np_dtype_to_tensor_dtype(data.dtype)
-        tensor.dims.extend(data.shape)
+        tensor.data_type = data_type
+        tensor.dims.extend(shape)
         tensor.data_location = onnx.TensorProto.EXTERNAL
-        for key, value in (("location", self.path.name), ("offset", str(position + pad)), ("length", str(data.nbytes))):
+        for key, value in (("location", self.path.name), ("offset", str(position + pad)), ("length", str(length))):
             entry = tensor.external_data.add()
             entry.key, entry.value = key, value
         return tensor
@@ -166,12 +178,18 @@ class _Graph:
         ``cast=False`` (a Gather table): the initializer's own name, whatever its dtype; the caller casts
         what it gathers with :meth:`as_float`.
         """
+        import torch
         from onnx import TensorProto
 
         onnx_name = f"{name}.T" if transpose else name
         stored_type = _ONNX_TYPES.get(self.tensors.dtype(name))
         if not self.stored or stored_type is None or stored_type == TensorProto.FLOAT:
-            self.initializers.append(self.writer.add(onnx_name, self.tensors.float32(name, transpose=transpose)))
+            if transpose:
+                self.initializers.append(self.writer.add(onnx_name, self.tensors.float32(name, transpose=True)))
+            else:  # a table a chunk of rows at a time
+                chunks = (rows.to(torch.float32).numpy() for _, rows in self.tensors.row_chunks(name))
+                self.initializers.append(self.writer.add_chunks(onnx_name, self.tensors.shape(name), TensorProto.FLOAT,
+                                                                chunks))
             return onnx_name
         self.initializers.append(self.writer.add(onnx_name, self.tensors.as_stored(name, transpose=transpose),
                                                  data_type=stored_type))
@@ -254,8 +272,12 @@ def _encoder(g: _Graph, d: Qwen3Dims, *, normalize: bool) -> str:
     table = "embed_tokens.weight"
     hidden = g.as_float(g.op("Gather", [g.weight(table, cast=False), ids], "/embed_tokens"), table)
     cos, sin = _rotary(g, d, steps)
+    started = time.perf_counter()
     for layer in range(d.layers):
         hidden = _decoder_layer(g, d, layer, hidden, cos, sin, seqlens_k, total)
+        if (layer + 1) % max(1, d.layers // 4) == 0:  # progress for the long builds (a 8B: 36 layers)
+            log.info("Qwen3 graph: %d/%d layers written (%.1f s, %.2f GB)", layer + 1, d.layers,
+                     time.perf_counter() - started, g.writer.bytes_written / 1e9)
     hidden = _rms_norm(g, d, hidden, "norm.weight", "/norm")
     # the hidden state at len - 1 of each row: Gather on the flattened (batch * sequence, hidden) rows
     batch = g.op("Gather", [g.op("Shape", [hidden], "/pool"), g.constant(0, i64)], "/pool", axis=0)

@@ -24,11 +24,6 @@ from tritonembed.export.checkpoint_tensors import CheckpointTensors
 log = logging.getLogger(__name__)
 
 
-def has_safetensors(path: Path) -> bool:
-    """Whether the checkpoint's weights are safetensors files (what the streamed stages read)."""
-    return any(Path(path).glob("*.safetensors"))
-
-
 @contextmanager
 def streamed_qwen3_backbone(path: Path, attn_implementation: str = "eager") -> Iterator[Any]:
     """Yield a float32 ``Qwen3Model`` of ``path`` whose blocks load their weights only while they run.
@@ -73,7 +68,7 @@ def _loader(tensors: CheckpointTensors, prefix: str):
         block.to_empty(device="cpu")
         with torch.no_grad():
             for name, param in block.named_parameters():
-                param.copy_(tensors.stored(f"{prefix}.{name}"))  # converts to float32 in place: one copy
+                tensors.copy_into(f"{prefix}.{name}", param)  # float32 in place, read a chunk of rows at a time
 
     return load
 
