@@ -361,7 +361,7 @@ def _nbits(
         algo_config=config,
     )
     node_quantizer = quantizer.node_quantizer
-    node_quantizer.quantize = _one_weight_at_a_time(node_quantizer.quantize, weights_dir)
+    node_quantizer.quantize = _one_weight_at_a_time(node_quantizer, weights_dir)
     if hasattr(node_quantizer, "quantize_ndarray"):  # the Gather tables' quantizer (RTN)
         node_quantizer.quantize_ndarray = _by_row_chunks(node_quantizer.quantize_ndarray)
     quantizer.process()
@@ -373,33 +373,48 @@ def _nbits(
 TABLE_CHUNK_ROWS = 8192
 
 
+def _quantize_rows(quantize_ndarray: Any, read_rows: Any, shape: tuple[int, int], block_size: int,
+                   is_symmetric: bool) -> tuple[Any, Any, Any]:
+    """ONNX Runtime's ``quantize_ndarray`` of a 2-D table along its rows' axis, :data:`TABLE_CHUNK_ROWS` rows
+    at a time (``read_rows(first, count)`` gives them). Blocks never cross rows, and both packed outputs
+    (4-bit data, 4-bit zero points) are packed in row order from an even count per chunk, so the
+    concatenation is the whole-table result, byte for byte; a width or block count that is odd (a chunk
+    would end mid-byte) is quantized in one call."""
+    rows, cols = shape
+    blocks = -(-cols // block_size)
+    if rows <= TABLE_CHUNK_ROWS or cols % 2 or blocks % 2:
+        return quantize_ndarray(read_rows(0, rows), 1, block_size, is_symmetric)
+    parts = [quantize_ndarray(read_rows(first, min(TABLE_CHUNK_ROWS, rows - first)), 1, block_size, is_symmetric)
+             for first in range(0, rows, TABLE_CHUNK_ROWS)]
+    points = None if parts[0][2] is None else np.concatenate([p[2] for p in parts])
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), points
+
+
 def _by_row_chunks(quantize_ndarray: Any) -> Any:
-    """ONNX Runtime's ``quantize_ndarray`` on a 2-D table quantized along its rows' axis, a block of rows at a
-    time. Blocks never cross rows, and both packed outputs (4-bit data, 4-bit zero points) are packed in row
-    order from an even count per chunk, so the concatenation is the whole-table result, byte for byte."""
+    """``quantize_ndarray`` for an in-memory table, by :func:`_quantize_rows` (other shapes: unchanged)."""
 
     def run(data: np.ndarray, quantize_axis: int, block_size: int, is_symmetric: bool) -> tuple[Any, Any, Any]:
-        blocks = -(-data.shape[-1] // block_size)
-        if data.ndim != 2 or quantize_axis != 1 or data.shape[0] <= TABLE_CHUNK_ROWS or data.shape[1] % 2 or blocks % 2:
+        if data.ndim != 2 or quantize_axis != 1:
             return quantize_ndarray(data, quantize_axis, block_size, is_symmetric)
-        parts = [quantize_ndarray(data[start:start + TABLE_CHUNK_ROWS], quantize_axis, block_size, is_symmetric)
-                 for start in range(0, data.shape[0], TABLE_CHUNK_ROWS)]
-        points = None if parts[0][2] is None else np.concatenate([p[2] for p in parts])
-        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), points
+        return _quantize_rows(quantize_ndarray, lambda first, count: data[first:first + count], data.shape,
+                              block_size, is_symmetric)
 
     return run
 
 
-def _one_weight_at_a_time(quantize: Any, weights_dir: Path) -> Any:
+def _one_weight_at_a_time(node_quantizer: Any, weights_dir: Path) -> Any:
     """Wrap ONNX Runtime's per-node quantizer so that a graph whose float weights are external references
     (``load_graph(..., external_data=False)``) has one of them in memory at a time.
 
-    The node's weight is read into a scratch graph of its own and quantized there; only the quantized
+    A MatMul's weight is read into a scratch graph of its own and quantized there; only the quantized
     tensors are copied into the model (protobuf never frees bytes put into a model before the model goes:
-    reading every float weight into it would keep all of them). The unused float reference is removed
-    when the quantizer cleans the initializers.
+    reading every float weight into it would keep all of them). An embedding table is read from its file
+    a chunk of rows at a time (:func:`_gather_from_disk`). The unused float reference is removed when the
+    quantizer cleans the initializers.
     """
     import onnx
+
+    quantize = node_quantizer.quantize
 
     def run(node: Any, graph_stack: list[Any]) -> list[Any]:
         graph = graph_stack[0]
@@ -407,6 +422,10 @@ def _one_weight_at_a_time(quantize: Any, weights_dir: Path) -> Any:
         on_disk = [t for t in graph.initializer if t.name in names and t.data_location == onnx.TensorProto.EXTERNAL]
         if not on_disk:
             return quantize(node, graph_stack)
+        if node.op_type == "Gather" and len(on_disk) == 1 and on_disk[0].name == node.input[0]:
+            built = _gather_from_disk(node_quantizer, node, on_disk[0], graph, weights_dir)
+            if built is not None:
+                return built
         scratch = onnx.GraphProto()
         for tensor in on_disk:
             copy = scratch.initializer.add()
@@ -418,6 +437,52 @@ def _one_weight_at_a_time(quantize: Any, weights_dir: Path) -> Any:
         return nodes
 
     return run
+
+
+def _gather_from_disk(node_quantizer: Any, node: Any, table: Any, graph: Any, weights_dir: Path) -> list[Any] | None:
+    """ONNX Runtime's ``quantize_gather`` (4-bit ``GatherBlockQuantized``, blocks along each row) for a table
+    read from its external-data file a chunk of rows at a time: the same tensors and node, byte for byte
+    (``tests/integration/test_qwen3_graph.py`` compares the two). None for a case it does not cover (the
+    caller then runs ONNX Runtime's own)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    config = node_quantizer.config
+    if getattr(config, "bits", 4) != 4 or len(table.dims) != 2 or config.quant_axes.get("Gather", 1) not in (1, -1) \
+            or table.data_type not in (TensorProto.FLOAT, TensorProto.FLOAT16):
+        return None
+    info = {entry.key: entry.value for entry in table.external_data}
+    rows, cols = (int(d) for d in table.dims)
+    dtype = np.dtype(helper.tensor_dtype_to_np_dtype(table.data_type))
+    location = Path(weights_dir) / info["location"]
+    offset = int(info.get("offset", 0))
+
+    def read_rows(first: int, count: int) -> np.ndarray:
+        data = np.fromfile(location, dtype=dtype, count=count * cols, offset=offset + first * cols * dtype.itemsize)
+        if data.size != count * cols:
+            raise QuantizationError(f"tensor {table.name}: {location} is shorter than the table")
+        return data.reshape(count, cols)
+
+    symmetric = config.is_symmetric
+    quantized, scales, zero_points = _quantize_rows(node_quantizer.quantize_ndarray, read_rows, (rows, cols),
+                                                    config.block_size, symmetric)
+    qtype = TensorProto.INT4 if symmetric else TensorProto.UINT4
+    tensors = [helper.make_tensor(table.name + "_Q4", qtype, [rows, cols], quantized.tobytes(), True),
+               numpy_helper.from_array(scales, table.name + "_scales")]
+    if not symmetric:
+        tensors.append(helper.make_tensor(table.name + "_zero_points", qtype, scales.shape, zero_points.tobytes(), True))
+    for graph_input in graph.input:
+        if graph_input.name == table.name:
+            graph.input.remove(graph_input)
+            break
+    graph.initializer.extend(tensors)
+    try:
+        gather_axis = helper.get_node_attr_value(node, "axis")
+    except ValueError:
+        gather_axis = 0
+    inputs = [tensors[0].name, node.input[1], tensors[1].name] + ([tensors[2].name] if not symmetric else [])
+    return [helper.make_node("GatherBlockQuantized", inputs=inputs, outputs=[node.output[0]],
+                             name=node.name + "_Q4" if node.name else "", domain="com.microsoft",
+                             gather_axis=gather_axis, quantize_axis=1, block_size=config.block_size)]
 
 
 def _to_int4(
