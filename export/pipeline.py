@@ -185,7 +185,12 @@ def builds_graph(checkpoint: Path, family: ModelFamily, spec: ModelSpec, static_
     from tritonembed.export import qwen3_graph
     from tritonembed.export.checkpoint_tensors import has_safetensors
 
-    return static_shapes and family.attention == "gqa" and qwen3_graph.supports(spec) and has_safetensors(checkpoint)
+    if not (static_shapes and family.attention == "gqa" and qwen3_graph.supports(spec) and has_safetensors(checkpoint)):
+        return False
+    why_not = qwen3_graph.refusal(checkpoint)
+    if why_not:
+        log.info("tracing the graph instead of building it: %s", why_not)
+    return why_not is None
 
 
 def write_fp32_graph(checkpoint: Path, family: ModelFamily, spec: ModelSpec, output: Path, static_shapes: bool,

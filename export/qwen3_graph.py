@@ -4,11 +4,11 @@ Tracing (:mod:`tritonembed.export.onnx_export`) needs the whole model in float32
 ONNX proto beside it: two float32 copies of the weights, 4x the bf16 checkpoint (4B: ~30 GB). This module
 writes the same graph without either: the nodes are spelled out here, and each weight is read from the
 safetensors files, converted to float32 (and transposed for ``MatMul``), appended to ``model.onnx_data`` and
-dropped before the next one is read. Peak memory is one weight plus the mapped checkpoint pages.
+dropped before the next one is read (a table a chunk of rows at a time). Peak memory is about one weight.
 
 The graph is the traced fused graph of :mod:`tritonembed.export.attention`, op for op (same inputs,
 outputs, rotary constants and RMS-norm formula; the traced no-op casts and ``x * 1.0`` are left out), so
-its outputs are bit-identical to the traced export's on the same weights (``tests/unit/test_qwen3_graph.py``):
+its outputs are bit-identical to the traced export's on the same weights (``tests/integration/test_qwen3_graph.py``):
 
 - each row's first and last real token from ``attention_mask``; the row gathered into right-padded order
   and run at positions 0..len-1; one ``com.microsoft.GroupQueryAttention`` per layer;
@@ -62,12 +62,17 @@ class Qwen3Dims:
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> Qwen3Dims:
-        """Raises: ExportError for a config the builder does not reproduce (sliding window, scaled RoPE)."""
+        """Raises: ExportError for a config the builder does not reproduce (sliding window, scaled RoPE,
+        attention biases, an activation other than SiLU)."""
         if config.get("use_sliding_window") and config.get("sliding_window"):
             raise ExportError("the Qwen3 graph builder has no sliding-window attention")
-        scaling = config.get("rope_scaling") or {}
-        if scaling and scaling.get("rope_type", scaling.get("type", "default")) != "default":
+        scaling = config.get("rope_scaling") or config.get("rope_parameters") or {}
+        if scaling.get("rope_type", scaling.get("type", "default")) != "default":
             raise ExportError(f"the Qwen3 graph builder has no scaled RoPE ({scaling})")
+        if config.get("attention_bias"):
+            raise ExportError("the Qwen3 graph builder has no attention biases")
+        if config.get("hidden_act", "silu") != "silu":
+            raise ExportError(f"the Qwen3 graph builder computes SiLU, not {config.get('hidden_act')}")
         heads = int(config["num_attention_heads"])
         return cls(
             hidden=int(config["hidden_size"]),
@@ -83,6 +88,17 @@ class Qwen3Dims:
 def supports(spec: ModelSpec) -> bool:
     """Whether this builder makes the graph of ``spec`` (a Qwen3 embedder with the plain embedding head)."""
     return spec.decoder and spec.pooling == "last_token" and [o.head for o in spec.outputs] == ["embedding"]
+
+
+def refusal(checkpoint: Path) -> str | None:
+    """Why this builder cannot reproduce the checkpoint's config (the exporter then traces it), or None."""
+    try:
+        Qwen3Dims.from_config(json.loads((Path(checkpoint) / "config.json").read_text(encoding="utf-8")))
+    except ExportError as exc:
+        return str(exc)
+    except (OSError, ValueError, KeyError) as exc:
+        return f"unreadable config: {type(exc).__name__}: {exc}"
+    return None
 
 
 class ExternalDataWriter:

@@ -7,7 +7,7 @@ embedding table, every decoder layer, the final norm) reads that block's tensors
 in float32 just before it runs; a forward hook puts them back on ``meta`` right after. The model's own
 ``forward`` (its masks, rotary embeddings and layers) runs unchanged, so the numbers are the ones
 ``AutoModel.from_pretrained(..., dtype=torch.float32)`` gives, bit for bit
-(``tests/unit/test_streamed_model.py``), at the memory of one layer plus the embedding table.
+(``tests/integration/test_qwen3_graph.py``), at the memory of one layer plus the embedding table.
 """
 
 from __future__ import annotations

@@ -128,6 +128,14 @@ def test_a_missing_weight_or_an_unsupported_config_is_a_clear_error(checkpoints,
         Qwen3Dims.from_config({**config, "use_sliding_window": True, "sliding_window": 4096})
     with pytest.raises(ExportError, match="scaled RoPE"):
         Qwen3Dims.from_config({**config, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+    with pytest.raises(ExportError, match="attention biases"):
+        Qwen3Dims.from_config({**config, "attention_bias": True})
+    (broken / "config.json").write_text(json.dumps({**config, "attention_bias": True}))
+    from tritonembed.export.pipeline import builds_graph
+
+    assert builds_graph(source, family_by_name("qwen3"), spec, True)
+    assert not builds_graph(broken, family_by_name("qwen3"), spec, True)  # traced instead
+    assert not builds_graph(source, family_by_name("qwen3"), spec, False)  # --no-static-shapes: as traced
     reranker = family_by_name("qwen3-reranker")
     assert supports(spec) and not supports(reranker.make_spec(source, "r", config, _options()))
 
