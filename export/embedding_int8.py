@@ -16,6 +16,7 @@ quantizer does Gather at 4 bits only; its ``GatherBlockQuantized`` kernel takes 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -55,12 +56,28 @@ def dequantize_blocks(data: np.ndarray, scale: np.ndarray, zero_point: np.ndarra
     return (q * scale[..., None]).reshape(rows, width)
 
 
-def rewrite_gathers(model: onnx.ModelProto, names: list[str], *, block_size: int = 32) -> list[str]:
+# Rows quantized at once: the arithmetic makes several float32 temporaries of its input's size.
+CHUNK_ROWS = 8192
+
+
+def quantize_rows(read_rows: Callable[[int, int], np.ndarray], rows: int, block_size: int
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`quantize_blocks` of a ``rows``-row table read :data:`CHUNK_ROWS` rows at a time by
+    ``read_rows(first, count)``: the same arrays (each block lies within one row)."""
+    parts = [quantize_blocks(read_rows(first, min(CHUNK_ROWS, rows - first)), block_size)
+             for first in range(0, rows, CHUNK_ROWS)]
+    return tuple(np.concatenate([p[i] for p in parts]) for i in range(3))  # type: ignore[return-value]
+
+
+def rewrite_gathers(model: onnx.ModelProto, names: list[str], *, block_size: int = 32,
+                    read_rows: Callable[[onnx.TensorProto, int, int], np.ndarray] | None = None) -> list[str]:
     """Replace each named ``Gather`` over a 2-D float32 initializer (axis 0) with an 8-bit ``GatherBlockQuantized``.
 
     A table is left alone (and logged) when another node also reads it, its rows are not a multiple of
     ``block_size`` long, or the Gather is not along axis 0. The model must import opset >= 21 and
-    ``com.microsoft`` is added. Returns the names of the Gathers rewritten.
+    ``com.microsoft`` is added. Returns the names of the Gathers rewritten. ``read_rows(table, first, count)``
+    gives a table's rows (default: from the tensor itself); a graph whose tables are external references
+    passes one that reads them from their file.
     """
     import onnx
     from onnx import helper, numpy_helper
@@ -89,7 +106,11 @@ def rewrite_gathers(model: onnx.ModelProto, names: list[str], *, block_size: int
         if why:
             log.info("embedding table of %s kept float32: %s", node.name, why)
             continue
-        data, scale, zero_point = quantize_blocks(numpy_helper.to_array(table), block_size)
+        if read_rows is None:
+            data, scale, zero_point = quantize_blocks(numpy_helper.to_array(table), block_size)
+        else:
+            data, scale, zero_point = quantize_rows(lambda first, count, t=table: read_rows(t, first, count),
+                                                    int(table.dims[0]), block_size)
         q_name, s_name, z_name = (table.name + suffix for suffix in _SUFFIXES)
         model.graph.initializer.remove(table)
         model.graph.initializer.extend([numpy_helper.from_array(data, q_name), numpy_helper.from_array(scale, s_name),

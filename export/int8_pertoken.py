@@ -19,7 +19,7 @@ The graph needs opset 21 (blocked ``QuantizeLinear``) and ONNX Runtime (the com.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -39,10 +39,13 @@ def weight_int8(weight: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
     return q, scale.astype(np.float32)
 
 
-def rewrite_matmuls(model: onnx.ModelProto, names: Collection[str], *, weight_bits: int = 7) -> int:
+def rewrite_matmuls(model: onnx.ModelProto, names: Collection[str], *, weight_bits: int = 7,
+                    read_weight: Callable[[onnx.TensorProto], np.ndarray] | None = None) -> int:
     """Replace the MatMul nodes called ``names`` (constant 2-D weight as input 1) in place; returns how many.
 
-    The model must already be at opset >= 21. Weights that no other node uses are dropped.
+    The model must already be at opset >= 21. Weights that no other node uses are dropped. ``read_weight``
+    gives a weight's values (default: from the tensor itself); a graph whose weights are external
+    references passes one that reads them from their file, one at a time.
 
     Raises:
         ValueError: ``weight_bits`` outside 2..8, or a named node is not a constant-weight MatMul.
@@ -73,7 +76,7 @@ def rewrite_matmuls(model: onnx.ModelProto, names: Collection[str], *, weight_bi
             continue
         if node.op_type != "MatMul" or node.input[1] not in inits:
             raise ValueError(f"node {node.name!r} is not a MatMul with a constant weight")
-        weight = numpy_helper.to_array(inits[node.input[1]])
+        weight = (read_weight or numpy_helper.to_array)(inits[node.input[1]])
         if weight.ndim != 2:
             raise ValueError(f"node {node.name!r}: weight is {weight.ndim}-D, expected 2-D")
         wq, w_scale = weight_int8(weight.astype(np.float32), weight_bits)

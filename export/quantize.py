@@ -245,7 +245,9 @@ def _to_int8(
     src: Path, *, fp32_down_layers: int, per_channel: bool, reduce_range: bool, activation_scales: str = "token",
     embeddings: bool = True, block_size: int = 32,
 ) -> tuple[onnx.ModelProto, str, dict[str, Any]]:
-    model = load_graph(src, min_opset=int8_pertoken.MIN_OPSET if activation_scales == "token" else None)
+    # per-token scales: the float weights stay on disk and are read one at a time as they are rewritten
+    model = load_graph(src, min_opset=int8_pertoken.MIN_OPSET if activation_scales == "token" else None,
+                       external_data=activation_scales != "token")
     name_nodes(model)
     matmuls = weight_matmuls(model)
     if not matmuls:
@@ -255,9 +257,11 @@ def _to_int8(
     if activation_scales == "token":
         bits = 7 if reduce_range else 8
         targets = [m.name for m in matmuls if m.name not in excluded]
-        int8_pertoken.rewrite_matmuls(model, targets, weight_bits=bits)
-        tables = embedding_int8.rewrite_gathers(model, embedding_gathers(model)[0], block_size=block_size) \
-            if embeddings else []
+        reader = ExternalReader(src.parent)
+        int8_pertoken.rewrite_matmuls(model, targets, weight_bits=bits, read_weight=reader.array)
+        tables = embedding_int8.rewrite_gathers(model, embedding_gathers(model)[0], block_size=block_size,
+                                                read_rows=reader.rows) if embeddings else []
+        read_external_data(model, src.parent)  # what was not rewritten (norm weights, float32 layers)
         settings = {
             "quantizer": "tritonembed.export.int8_pertoken",
             "activation_scales": "token",
@@ -304,6 +308,40 @@ def _to_int8(
         "layers_found": len(layers),
     }
     return quantized, method, settings
+
+
+class ExternalReader:
+    """Values of a graph's initializers read without putting them into the graph: from the external-data file
+    for an external reference (protobuf would keep bytes put into the model until the model goes), from the
+    tensor itself otherwise."""
+
+    def __init__(self, weights_dir: Path) -> None:
+        self.weights_dir = Path(weights_dir)
+
+    def array(self, tensor: Any) -> np.ndarray:
+        import onnx
+        from onnx import helper, numpy_helper
+
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            return numpy_helper.to_array(tensor)
+        dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
+        return np.frombuffer(external_bytes(tensor, self.weights_dir), dtype=dtype).reshape(tuple(tensor.dims))
+
+    def rows(self, tensor: Any, first: int, count: int) -> np.ndarray:
+        """Rows ``first .. first + count`` of a 2-D initializer."""
+        import onnx
+        from onnx import helper
+
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            return self.array(tensor)[first:first + count]
+        info = {entry.key: entry.value for entry in tensor.external_data}
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type))
+        width = int(tensor.dims[1])
+        data = np.fromfile(self.weights_dir / info["location"], dtype=dtype, count=count * width,
+                           offset=int(info.get("offset", 0)) + first * width * dtype.itemsize)
+        if data.size != count * width:
+            raise QuantizationError(f"tensor {tensor.name}: {info['location']} is shorter than the tensor")
+        return data.reshape(count, width)
 
 
 # --- int4 -------------------------------------------------------------------------------------
@@ -450,21 +488,12 @@ def _gather_from_disk(node_quantizer: Any, node: Any, table: Any, graph: Any, we
     if getattr(config, "bits", 4) != 4 or len(table.dims) != 2 or config.quant_axes.get("Gather", 1) not in (1, -1) \
             or table.data_type not in (TensorProto.FLOAT, TensorProto.FLOAT16):
         return None
-    info = {entry.key: entry.value for entry in table.external_data}
     rows, cols = (int(d) for d in table.dims)
-    dtype = np.dtype(helper.tensor_dtype_to_np_dtype(table.data_type))
-    location = Path(weights_dir) / info["location"]
-    offset = int(info.get("offset", 0))
-
-    def read_rows(first: int, count: int) -> np.ndarray:
-        data = np.fromfile(location, dtype=dtype, count=count * cols, offset=offset + first * cols * dtype.itemsize)
-        if data.size != count * cols:
-            raise QuantizationError(f"tensor {table.name}: {location} is shorter than the table")
-        return data.reshape(count, cols)
-
+    reader = ExternalReader(weights_dir)
     symmetric = config.is_symmetric
-    quantized, scales, zero_points = _quantize_rows(node_quantizer.quantize_ndarray, read_rows, (rows, cols),
-                                                    config.block_size, symmetric)
+    quantized, scales, zero_points = _quantize_rows(
+        node_quantizer.quantize_ndarray, lambda first, count: reader.rows(table, first, count), (rows, cols),
+        config.block_size, symmetric)
     qtype = TensorProto.INT4 if symmetric else TensorProto.UINT4
     tensors = [helper.make_tensor(table.name + "_Q4", qtype, [rows, cols], quantized.tobytes(), True),
                numpy_helper.from_array(scales, table.name + "_scales")]

@@ -56,3 +56,15 @@ def test_a_shared_table_is_left_float32():
     model = _gather_model(np.ones((10, 32), np.float32), shared=True)
     assert rewrite_gathers(model, ["embed"]) == []
     assert [n.op_type for n in model.graph.node] == ["Gather", "ReduceSum"]
+
+
+def test_quantized_by_row_chunks_equals_the_whole_table(monkeypatch):
+    """A table read a block of rows at a time (an external-data graph's) quantizes to the same arrays."""
+    from tritonembed.export import embedding_int8
+
+    monkeypatch.setattr(embedding_int8, "CHUNK_ROWS", 7)
+    table = np.random.default_rng(3).standard_normal((50, 64)).astype(np.float32)
+    whole = embedding_int8.quantize_blocks(table, 32)
+    chunked = embedding_int8.quantize_rows(lambda first, count: table[first:first + count], 50, 32)
+    for a, b in zip(whole, chunked):
+        assert a.dtype == b.dtype and np.array_equal(a, b)
