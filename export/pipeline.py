@@ -161,12 +161,13 @@ def export_model(
     config = read_json(resolved.path / "config.json")
     family = family_for(config)
     spec = family.make_spec(resolved.path, resolved.model_id, config, ExportOptions(precision, max_length, name))
-    check_resources(resolved.path, output.parent, streamed=builds_graph(resolved.path, family, spec, static_shapes))
+    streamed = builds_graph(resolved.path, family, spec, static_shapes)
+    check_resources(resolved.path, output.parent, streamed=streamed)
     staging = output.with_name(f".{output.name}.tmp-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
-        report = _export_into(staging, resolved, family, spec, run_stsb, int4_activations, static_shapes)
+        report = _export_into(staging, resolved, family, spec, run_stsb, int4_activations, static_shapes, streamed)
         report.output = str(output)
         report.export_seconds = round(time.perf_counter() - started, 2)
         report.files = {p.name: p.stat().st_size for p in sorted(staging.iterdir()) if p.is_file()}
@@ -194,28 +195,27 @@ def builds_graph(checkpoint: Path, family: ModelFamily, spec: ModelSpec, static_
 
 
 def write_fp32_graph(checkpoint: Path, family: ModelFamily, spec: ModelSpec, output: Path, static_shapes: bool,
-                     graph_report: dict[str, Any]) -> bool:
+                     graph_report: dict[str, Any], build: bool) -> None:
     """The float32 graph of ``checkpoint`` at ``output``; what was built goes into ``graph_report``.
 
-    A Qwen3 embedder in safetensors is built node by node, one weight in memory at a time
-    (:mod:`tritonembed.export.qwen3_graph`: the same graph as the traced one, bit for bit, without two float32
-    copies of the model); everything else, and ``static_shapes=False`` (the graph as torch traces it), is traced.
-    Returns whether it was built (not traced).
+    ``build`` (:func:`builds_graph`): a Qwen3 embedder in safetensors is built node by node, one weight in
+    memory at a time (:mod:`tritonembed.export.qwen3_graph`: the same graph as the traced one, bit for bit,
+    without two float32 copies of the model); everything else, and ``static_shapes=False`` (the graph as torch
+    traces it), is traced.
     """
     from tritonembed.export import qwen3_graph
 
-    if builds_graph(checkpoint, family, spec, static_shapes):
+    if build:
         model = qwen3_graph.build_qwen3_embedding_graph(checkpoint, output, spec)
         from tritonembed.export.attention import graph_attention
 
         graph_report.update({"builder": qwen3_graph.BUILDER, "attention": graph_attention(model),
                              "static_shapes": {"by_construction": True, "nodes_after": len(model.graph.node)}})
-        return True
+        return
     # No reference to the module is kept here: export_onnx frees it after the trace (one fp32 copy at a time).
     export_onnx(build_pooled_encoder(family.load_backbone(checkpoint), spec, family.attention), output,
                 static_shapes=static_shapes, graph_report=graph_report,
                 output_names=tuple(t.name for t in spec.encoder_outputs))
-    return False
 
 
 # What report.json says of the graph the float32 checks ran on when it is not the float32 file itself.
@@ -224,7 +224,7 @@ STORED_WEIGHTS_VALIDATION = ("the float32 graph with its weights kept in the che
 
 
 def _export_into(staging: Path, resolved: ResolvedModel, family: ModelFamily, spec: ModelSpec, run_stsb: bool,
-                 int4_activations: str = "float32", static_shapes: bool = True) -> ExportReport:
+                 int4_activations: str = "float32", static_shapes: bool = True, built: bool = False) -> ExportReport:
     report = ExportReport(resolved.model_id, resolved.source, family.name, spec.precision, "",
                           bool(spec.extra.get("random_weights")))
     copy_tokenizer(resolved.path, staging, family)
@@ -237,7 +237,7 @@ def _export_into(staging: Path, resolved: ResolvedModel, family: ModelFamily, sp
     stages = StageLog(f"export {resolved.model_id} ({spec.precision})")
     log.info("exporting %s to ONNX (fp32)", resolved.model_id)
     stages.stage("start")
-    built = write_fp32_graph(resolved.path, family, spec, fp32_path, static_shapes, report.graph)
+    write_fp32_graph(resolved.path, family, spec, fp32_path, static_shapes, report.graph, built)
     validated_path = fp32_path
     if built and spec.precision != "fp32":
         # The float32 file only feeds the quantizer: its checks run on the same graph with the checkpoint's
