@@ -41,6 +41,16 @@ def test_a_model_past_the_protobuf_limit_is_planned_with_external_weights(tmp_pa
     assert plan.ram_bytes == memory.BASE_OVERHEAD_BYTES + int(memory.PEAK_FP32_COPIES * plan.fp32_weight_bytes)
 
 
+def test_a_streamed_export_is_planned_from_the_16_bit_checkpoint(tmp_path):
+    """Built node by node and checked with bf16 weights: 1.5 GiB + 1.25 x the bf16 size, whatever the size."""
+    header = json.dumps({"w": {"dtype": "BF16", "shape": [40_000, 16_384], "data_offsets": [0, 2 * 40_000 * 16_384]}}).encode()
+    (tmp_path / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header)
+    plan = plan_export(tmp_path, streamed=True)
+    bf16 = 2 * 40_000 * 16_384
+    assert plan.ram_bytes == memory.BASE_OVERHEAD_BYTES + int(1.25 * bf16) < plan_export(tmp_path).ram_bytes
+    assert plan.disk_bytes == int(memory.STREAMED_DISK_FP32_COPIES * 2 * bf16) < plan_export(tmp_path).disk_bytes
+
+
 def test_check_refuses_to_start_when_ram_is_short_and_says_how_much(tmp_path, monkeypatch):
     write_safetensors_header(tmp_path / "model.safetensors", {"w": ("BF16", [1024, 1024])})
     monkeypatch.setattr(memory, "available_ram_bytes", lambda: int(0.5 * GIB))
