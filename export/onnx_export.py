@@ -10,7 +10,7 @@ from typing import Any
 
 from tritonembed.artifact import external_data_file, needs_external_data
 from tritonembed.errors import ExportError
-from tritonembed.export.onnx_graph import write_inline
+from tritonembed.export.onnx_graph import ExternalDataWriter, external_bytes, set_inline, write_inline
 from tritonembed.spec import ATTENTION_MASK, ENCODER_EMBEDDING_NAME, INPUT_IDS, ModelSpec
 
 log = logging.getLogger(__name__)
@@ -142,10 +142,6 @@ def export_onnx(encoder, output: Path, *, example_length: int = 16, static_shape
     return output
 
 
-def _external_info(tensor) -> dict[str, str]:
-    return {entry.key: entry.value for entry in tensor.external_data}
-
-
 def _is_small_or_integer(tensor) -> bool:
     import onnx
 
@@ -160,13 +156,10 @@ def _load_small_external(model, base_dir: Path) -> None:
     """Read the external data of integer and tiny tensors (shape arithmetic reads their values); the float
     weights stay on disk, where :func:`_save_streaming` copies them one by one."""
     import onnx
-    from onnx.external_data_helper import load_external_data_for_tensor
 
     for tensor in model.graph.initializer:
         if tensor.data_location == onnx.TensorProto.EXTERNAL and _is_small_or_integer(tensor):
-            load_external_data_for_tensor(tensor, str(base_dir))
-            tensor.data_location = onnx.TensorProto.DEFAULT
-            del tensor.external_data[:]
+            set_inline(tensor, external_bytes(tensor, base_dir))
 
 
 def _save_streaming(model, source_dir: Path, output: Path) -> list[Path]:
@@ -176,37 +169,20 @@ def _save_streaming(model, source_dir: Path, output: Path) -> list[Path]:
     one, so at most one weight is in memory; offsets are 4 KiB aligned (ONNX Runtime can map them).
 
     Raises:
-        ExportError: a tensor's external file is missing or shorter than it says.
+        ExportError: a tensor's external file is missing, outside ``source_dir`` or shorter than it says.
     """
     import onnx
 
     output = Path(output)
-    data_file = external_data_file(output)
-    if data_file.exists():
-        data_file.unlink()
-    with open(data_file, "wb") as sink:
+    writer = ExternalDataWriter(output)
+    try:
         for tensor in model.graph.initializer:
-            if tensor.data_location != onnx.TensorProto.EXTERNAL:
-                continue
-            info = _external_info(tensor)
-            offset, length = int(info.get("offset", 0)), info.get("length")
-            with open(source_dir / info["location"], "rb") as f:
-                f.seek(offset)
-                data = f.read() if length is None else f.read(int(length))
-            if length is not None and len(data) != int(length):
-                raise ExportError(f"tensor {tensor.name}: {info['location']} holds {len(data)} of {length} bytes")
-            position = sink.seek(0, 2)
-            pad = -position % 4096
-            sink.write(b"\0" * pad)
-            sink.write(data)
-            del tensor.external_data[:]
-            for key, value in (("location", data_file.name), ("offset", str(position + pad)), ("length", str(len(data)))):
-                entry = tensor.external_data.add()
-                entry.key, entry.value = key, value
-            del data
+            if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                writer.point(tensor, *writer.append([external_bytes(tensor, source_dir)]))
+    finally:
+        writer.close()
     onnx.save(model, str(output))
-    data_file.chmod(0o644)  # Triton in a container may run as another user
-    return [output, data_file]
+    return [output, writer.path]
 
 
 def save_onnx(model, output: Path) -> list[Path]:

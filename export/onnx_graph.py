@@ -6,7 +6,7 @@ aside while a weightless copy is rewritten, and saving with external data when t
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -201,18 +201,59 @@ def external_bytes(tensor: onnx.TensorProto, base_dir: Path) -> bytes:
     Raises:
         QuantizationError: a location outside ``base_dir``, or a file shorter than the tensor.
     """
+    location, offset, length = _external_span(tensor, base_dir)
+    with open(location, "rb") as f:
+        f.seek(offset)
+        data = f.read() if length is None else f.read(length)
+    if length is not None and len(data) != length:
+        raise QuantizationError(f"tensor {tensor.name}: {location} holds {len(data)} of {length} bytes")
+    return data
+
+
+def external_array(tensor: onnx.TensorProto, base_dir: Path) -> Any:
+    """An initializer's values as a numpy array, not put into the model (:func:`external_bytes`): read from
+    its file when it is an external reference, from the tensor itself otherwise."""
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    if tensor.data_location != onnx.TensorProto.EXTERNAL:
+        return numpy_helper.to_array(tensor)
+    dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    return np.frombuffer(external_bytes(tensor, base_dir), dtype=dtype).reshape(tuple(tensor.dims))
+
+
+def external_rows(tensor: onnx.TensorProto, base_dir: Path, first: int, count: int) -> Any:
+    """Rows ``first .. first + count`` of a 2-D initializer (:func:`external_array`), only those read.
+
+    Raises:
+        QuantizationError: a location outside ``base_dir``, or a file shorter than the rows.
+    """
+    import numpy as np
+    import onnx
+    from onnx import helper
+
+    if tensor.data_location != onnx.TensorProto.EXTERNAL:
+        return external_array(tensor, base_dir)[first:first + count]
+    location, offset, _ = _external_span(tensor, base_dir)
+    dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type))
+    width = int(tensor.dims[1])
+    data = np.fromfile(location, dtype=dtype, count=count * width, offset=offset + first * width * dtype.itemsize)
+    if data.size != count * width:
+        raise QuantizationError(f"tensor {tensor.name}: {location} is shorter than the tensor")
+    return data.reshape(count, width)
+
+
+def _external_span(tensor: onnx.TensorProto, base_dir: Path) -> tuple[Path, int, int | None]:
+    """(file, offset, length or None) of an external tensor. Raises: QuantizationError when the file is
+    outside ``base_dir``."""
     info = {entry.key: entry.value for entry in tensor.external_data}
     root = Path(base_dir).resolve()
     location = (root / info["location"]).resolve()
     if root not in location.parents:
         raise QuantizationError(f"tensor {tensor.name}: external data {info['location']!r} is outside {root}")
-    offset, length = int(info.get("offset", 0)), info.get("length")
-    with open(location, "rb") as f:
-        f.seek(offset)
-        data = f.read() if length is None else f.read(int(length))
-    if length is not None and len(data) != int(length):
-        raise QuantizationError(f"tensor {tensor.name}: {location} holds {len(data)} of {length} bytes")
-    return data
+    length = info.get("length")
+    return location, int(info.get("offset", 0)), None if length is None else int(length)
 
 
 def set_inline(tensor: onnx.TensorProto, data: bytes) -> None:
@@ -286,6 +327,72 @@ def _without(message: Any, skipped: str) -> bytes:
         else:
             setattr(rest, field.name, value)
     return rest.SerializeToString()
+
+
+# External tensors start on 4 KiB boundaries, so ONNX Runtime can map them from the file.
+EXTERNAL_ALIGNMENT = 4096
+
+
+class ExternalDataWriter:
+    """Appends tensors to one external-data file (``<model name>_data``, 4 KiB aligned) and points initializers
+    into it: what the graph builder writes weights with and the traced export copies torch's files with."""
+
+    def __init__(self, model_path: Path) -> None:
+        self.path = external_data_file(model_path)
+        self._file = open(self.path, "wb")  # noqa: SIM115 - closed by close(), the callers' finally
+        self.bytes_written = 0
+
+    def append(self, chunks: Iterable[Any]) -> tuple[int, int]:
+        """Write one tensor's bytes from consecutive pieces (arrays or bytes, each dropped once written);
+        returns its (offset, length)."""
+        import numpy as np
+
+        position = self._file.seek(0, 2)
+        pad = -position % EXTERNAL_ALIGNMENT
+        self._file.write(b"\0" * pad)
+        length = 0
+        for chunk in chunks:
+            data = memoryview(np.ascontiguousarray(chunk)).cast("B") if not isinstance(chunk, bytes) else chunk
+            self._file.write(data)  # an array's own buffer: no bytes copy
+            length += len(data)
+        self.bytes_written += length
+        return position + pad, length
+
+    def point(self, tensor: onnx.TensorProto, offset: int, length: int) -> None:
+        """Make ``tensor`` an external reference to ``length`` bytes at ``offset`` of this file."""
+        import onnx
+
+        tensor.ClearField("raw_data")
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        del tensor.external_data[:]
+        for key, value in (("location", self.path.name), ("offset", str(offset)), ("length", str(length))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+
+    def add(self, name: str, array: Any, data_type: int | None = None) -> onnx.TensorProto:
+        """A new initializer holding ``array`` (``data_type``: the ONNX element type when the array's own is not
+        it, e.g. bfloat16 as int16 words)."""
+        import numpy as np
+        from onnx import helper
+
+        data = np.ascontiguousarray(array)
+        element = data_type if data_type is not None else helper.np_dtype_to_tensor_dtype(data.dtype)
+        return self.add_chunks(name, data.shape, element, [data])
+
+    def add_chunks(self, name: str, shape: tuple[int, ...], data_type: int, chunks: Iterable[Any]) -> onnx.TensorProto:
+        """A new initializer written from consecutive pieces (rows of a table)."""
+        import onnx
+
+        tensor = onnx.TensorProto()
+        tensor.name = name
+        tensor.data_type = data_type
+        tensor.dims.extend(shape)
+        self.point(tensor, *self.append(chunks))
+        return tensor
+
+    def close(self) -> None:
+        self._file.close()
+        self.path.chmod(0o644)  # Triton in a container may run as another user
 
 
 def save_graph(model: onnx.ModelProto, output: Path, external_data: bool | None) -> tuple[Path, ...]:

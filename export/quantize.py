@@ -33,6 +33,7 @@ Needs ``onnx`` and ``onnxruntime`` (``pip install 'tritonembed[export]'``); HQQ 
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import sys
 import tempfile
@@ -49,7 +50,9 @@ from tritonembed.export.onnx_graph import (
     activation_type,
     default_opset,
     embedding_gathers,
+    external_array,
     external_bytes,
+    external_rows,
     load_graph,
     name_nodes,
     read_external_data,
@@ -257,10 +260,11 @@ def _to_int8(
     if activation_scales == "token":
         bits = 7 if reduce_range else 8
         targets = [m.name for m in matmuls if m.name not in excluded]
-        reader = ExternalReader(src.parent)
-        int8_pertoken.rewrite_matmuls(model, targets, weight_bits=bits, read_weight=reader.array)
-        tables = embedding_int8.rewrite_gathers(model, embedding_gathers(model)[0], block_size=block_size,
-                                                read_rows=reader.rows) if embeddings else []
+        int8_pertoken.rewrite_matmuls(model, targets, weight_bits=bits,
+                                      read_weight=functools.partial(external_array, base_dir=src.parent))
+        tables = embedding_int8.rewrite_gathers(
+            model, embedding_gathers(model)[0], block_size=block_size,
+            read_rows=lambda table, first, count: external_rows(table, src.parent, first, count)) if embeddings else []
         read_external_data(model, src.parent)  # what was not rewritten (norm weights, float32 layers)
         settings = {
             "quantizer": "tritonembed.export.int8_pertoken",
@@ -308,40 +312,6 @@ def _to_int8(
         "layers_found": len(layers),
     }
     return quantized, method, settings
-
-
-class ExternalReader:
-    """Values of a graph's initializers read without putting them into the graph: from the external-data file
-    for an external reference (protobuf would keep bytes put into the model until the model goes), from the
-    tensor itself otherwise."""
-
-    def __init__(self, weights_dir: Path) -> None:
-        self.weights_dir = Path(weights_dir)
-
-    def array(self, tensor: Any) -> np.ndarray:
-        import onnx
-        from onnx import helper, numpy_helper
-
-        if tensor.data_location != onnx.TensorProto.EXTERNAL:
-            return numpy_helper.to_array(tensor)
-        dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
-        return np.frombuffer(external_bytes(tensor, self.weights_dir), dtype=dtype).reshape(tuple(tensor.dims))
-
-    def rows(self, tensor: Any, first: int, count: int) -> np.ndarray:
-        """Rows ``first .. first + count`` of a 2-D initializer."""
-        import onnx
-        from onnx import helper
-
-        if tensor.data_location != onnx.TensorProto.EXTERNAL:
-            return self.array(tensor)[first:first + count]
-        info = {entry.key: entry.value for entry in tensor.external_data}
-        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type))
-        width = int(tensor.dims[1])
-        data = np.fromfile(self.weights_dir / info["location"], dtype=dtype, count=count * width,
-                           offset=int(info.get("offset", 0)) + first * width * dtype.itemsize)
-        if data.size != count * width:
-            raise QuantizationError(f"tensor {tensor.name}: {info['location']} is shorter than the tensor")
-        return data.reshape(count, width)
 
 
 # --- int4 -------------------------------------------------------------------------------------
@@ -489,11 +459,10 @@ def _gather_from_disk(node_quantizer: Any, node: Any, table: Any, graph: Any, we
             or table.data_type not in (TensorProto.FLOAT, TensorProto.FLOAT16):
         return None
     rows, cols = (int(d) for d in table.dims)
-    reader = ExternalReader(weights_dir)
     symmetric = config.is_symmetric
     quantized, scales, zero_points = _quantize_rows(
-        node_quantizer.quantize_ndarray, lambda first, count: reader.rows(table, first, count), (rows, cols),
-        config.block_size, symmetric)
+        node_quantizer.quantize_ndarray, lambda first, count: external_rows(table, weights_dir, first, count),
+        (rows, cols), config.block_size, symmetric)
     qtype = TensorProto.INT4 if symmetric else TensorProto.UINT4
     tensors = [helper.make_tensor(table.name + "_Q4", qtype, [rows, cols], quantized.tobytes(), True),
                numpy_helper.from_array(scales, table.name + "_scales")]

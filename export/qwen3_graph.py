@@ -23,27 +23,24 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from tritonembed.artifact import external_data_file
 from tritonembed.errors import ExportError
+from tritonembed.export.attention import GQA_DOMAIN, GQA_OP
 from tritonembed.export.checkpoint_tensors import CheckpointTensors
+from tritonembed.export.onnx_export import ONNX_OPSET
+from tritonembed.export.onnx_graph import ExternalDataWriter
 from tritonembed.spec import ATTENTION_MASK, ENCODER_EMBEDDING_NAME, INPUT_IDS, ModelSpec
 
 log = logging.getLogger(__name__)
 
-ONNX_OPSET = 17
 # torch dtype names of checkpoint tensors -> ONNX element types (TensorProto.FLOAT / FLOAT16 / BFLOAT16): the
 # float ones, which the validation form keeps as stored
 _ONNX_TYPES = {"float32": 1, "float16": 10, "bfloat16": 16}
-MS_DOMAIN = "com.microsoft"
-# External tensors start on 4 KiB boundaries, so ONNX Runtime can map them from the file.
-ALIGNMENT = 4096
 # What report.json says built the graph (key ``graph.builder``).
 BUILDER = "tritonembed.export.qwen3_graph (node by node, one weight in memory at a time)"
 
@@ -99,50 +96,6 @@ def refusal(checkpoint: Path) -> str | None:
     except (OSError, ValueError, KeyError) as exc:
         return f"unreadable config: {type(exc).__name__}: {exc}"
     return None
-
-
-class ExternalDataWriter:
-    """Appends tensors to one external-data file and returns the initializers that point into it."""
-
-    def __init__(self, model_path: Path) -> None:
-        self.path = external_data_file(model_path)
-        self._file = open(self.path, "wb")  # noqa: SIM115 - closed by close(), the builder's finally
-        self.bytes_written = 0
-
-    def add(self, name: str, array: np.ndarray, data_type: int | None = None) -> Any:
-        """``data_type``: the ONNX element type when the array's own is not it (bfloat16 as int16 words)."""
-        from onnx import helper
-
-        data = np.ascontiguousarray(array)
-        element = data_type if data_type is not None else helper.np_dtype_to_tensor_dtype(data.dtype)
-        return self.add_chunks(name, data.shape, element, [data])
-
-    def add_chunks(self, name: str, shape: tuple[int, ...], data_type: int, chunks: Iterable[np.ndarray]) -> Any:
-        """One tensor written from consecutive pieces (rows of a table), each dropped once written."""
-        import onnx
-
-        position = self._file.seek(0, 2)
-        pad = -position % ALIGNMENT
-        self._file.write(b"\0" * pad)
-        length = 0
-        for chunk in chunks:
-            data = np.ascontiguousarray(chunk)
-            self._file.write(memoryview(data).cast("B"))  # the array's own buffer: no bytes copy
-            length += data.nbytes
-        self.bytes_written += length
-        tensor = onnx.TensorProto()
-        tensor.name = name
-        tensor.data_type = data_type
-        tensor.dims.extend(shape)
-        tensor.data_location = onnx.TensorProto.EXTERNAL
-        for key, value in (("location", self.path.name), ("offset", str(position + pad)), ("length", str(length))):
-            entry = tensor.external_data.add()
-            entry.key, entry.value = key, value
-        return tensor
-
-    def close(self) -> None:
-        self._file.close()
-        self.path.chmod(0o644)  # Triton in a container may run as another user
 
 
 #: ``weights=`` of :func:`build_qwen3_embedding_graph`: float32 initializers (the artifact), or each weight in
@@ -254,7 +207,7 @@ def build_qwen3_embedding_graph(checkpoint: Path, output: Path, spec: ModelSpec,
     out = helper.make_tensor_value_info(embedding, TensorProto.FLOAT, ["batch", dims.hidden])
     model = helper.make_model(
         helper.make_graph(graph.nodes, "qwen3_embedding", inputs, [out], graph.initializers),
-        opset_imports=[helper.make_opsetid("", ONNX_OPSET), helper.make_opsetid(MS_DOMAIN, 1)],
+        opset_imports=[helper.make_opsetid("", ONNX_OPSET), helper.make_opsetid(GQA_DOMAIN, 1)],
         producer_name="tritonembed",
     )
     model.ir_version = 8
@@ -367,9 +320,9 @@ def _decoder_layer(g: _Graph, d: Qwen3Dims, i: int, hidden: str, cos: str, sin: 
     k = _rotate(g, d, _heads(g, d, k, d.kv_heads, p + "self_attn.k_norm.weight", attn + "/k_norm"), cos, sin, attn)
     v = g.op("MatMul", [x, g.weight(p + "self_attn.v_proj.weight", transpose=True)], attn + "/v_proj")
     # without the present_key / present_value outputs ORT 1.32's CPU kernel materializes the scores
-    fused = g.op("GroupQueryAttention", [_merge_heads(g, q, d.heads * d.head_dim, attn),
+    fused = g.op(GQA_OP, [_merge_heads(g, q, d.heads * d.head_dim, attn),
                                          _merge_heads(g, k, d.kv_heads * d.head_dim, attn), v, "", "", seqlens_k, total],
-                 attn, outputs=3, domain=MS_DOMAIN, num_heads=d.heads, kv_num_heads=d.kv_heads,
+                 attn, outputs=3, domain=GQA_DOMAIN, num_heads=d.heads, kv_num_heads=d.kv_heads,
                  scale=float(d.head_dim ** -0.5))[0]
     hidden = g.op("Add", [hidden, g.op("MatMul", [fused, g.weight(p + "self_attn.o_proj.weight", transpose=True)],
                                        attn + "/o_proj")], s)
