@@ -54,6 +54,15 @@ def safetensors_header(file: Path) -> tuple[dict, int]:
     return header, 8 + length
 
 
+def _read(f: Any, start: int, length: int, file: Path, name: str) -> bytearray:
+    """``length`` bytes at ``start`` of the open file ``f``. Raises: ExportError when the file is shorter."""
+    data = bytearray(length)
+    f.seek(start)
+    if f.readinto(data) != length:
+        raise ExportError(f"cannot load weights: {file} is shorter than its tensor {name!r}")
+    return data
+
+
 @dataclass(frozen=True)
 class _Entry:
     file: Path
@@ -102,14 +111,11 @@ class CheckpointTensors:
         import torch
 
         entry = self._entry(name)
-        data = bytearray(entry.end - entry.start)
-        with open(entry.file, "rb") as f:
-            f.seek(entry.start)
-            if f.readinto(data) != len(data):
-                raise ExportError(f"cannot load weights: {entry.file} is shorter than its tensor {name!r}")
         dtype = getattr(torch, entry.dtype)
-        if not data:
+        if entry.end == entry.start:
             return torch.empty(entry.shape, dtype=dtype)
+        with open(entry.file, "rb") as f:
+            data = _read(f, entry.start, entry.end - entry.start, entry.file, name)
         return torch.frombuffer(data, dtype=dtype).reshape(entry.shape)
 
     def shape(self, name: str) -> tuple[int, ...]:
@@ -133,10 +139,7 @@ class CheckpointTensors:
         with open(entry.file, "rb") as f:
             for first in range(0, rows, step):
                 count = min(step, rows - first)
-                data = bytearray(count * row_bytes)
-                f.seek(entry.start + first * row_bytes)
-                if f.readinto(data) != len(data):
-                    raise ExportError(f"cannot load weights: {entry.file} is shorter than its tensor {name!r}")
+                data = _read(f, entry.start + first * row_bytes, count * row_bytes, entry.file, name)
                 yield first, torch.frombuffer(data, dtype=dtype).reshape((count, *entry.shape[1:]))
 
     def copy_into(self, name: str, destination: Any) -> None:

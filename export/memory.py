@@ -83,15 +83,20 @@ def return_large_blocks_to_os() -> bool:
     ONNX Runtime sessions that cast one weight at a time then grew by ~2 GiB per export stage. Pinning
     the threshold also turns that adjustment off. Returns False where there is no glibc.
     """
+    mallopt = _libc_function("mallopt")
+    return bool(mallopt is not None and mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+
+
+def _libc_function(name: str):
+    """A function of the C library (glibc), or None where there is none or it lacks ``name``."""
     import ctypes
     import ctypes.util
 
-    name = ctypes.util.find_library("c")
+    library = ctypes.util.find_library("c")
     try:
-        mallopt = getattr(ctypes.CDLL(name), "mallopt", None) if name else None
+        return getattr(ctypes.CDLL(library), name, None) if library else None
     except OSError:
-        return False
-    return bool(mallopt is not None and mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+        return None
 
 
 def release_freed_memory() -> None:
@@ -101,17 +106,10 @@ def release_freed_memory() -> None:
     the 0.6B shape) end up on the heap, and freeing them leaves the RSS where it was: measured 4.45 GiB after
     the PyTorch reference of the 0.6B shape, with nothing alive but the 2 GiB ONNX Runtime session to come.
     """
-    import ctypes
-    import ctypes.util
     import gc
 
     gc.collect()
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-        trim = getattr(libc, "malloc_trim", None)
-    except OSError:
-        return
+    trim = _libc_function("malloc_trim")
     if trim is not None:
         trim(0)
 
