@@ -92,16 +92,22 @@ def test_validation_form_keeps_the_checkpoints_dtype_and_gives_the_same_numbers(
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
 
 
-def test_causal_lm_checkpoint_names_are_found(checkpoints, spec, tmp_path):
-    """Qwen3ForCausalLM checkpoints prefix every tensor with ``model.``; the graph is the same."""
+def _rewritten_checkpoint(source: Path, target: Path, rewrite) -> Path:
+    """A copy of ``source`` (its config and weights) whose tensor dict went through ``rewrite``."""
     from safetensors.torch import load_file, save_file
 
+    target.mkdir()
+    (target / "config.json").write_text((source / "config.json").read_text())
+    tensors = rewrite(load_file(str(source / "model.safetensors")))
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(target / "model.safetensors"))
+    return target
+
+
+def test_causal_lm_checkpoint_names_are_found(checkpoints, spec, tmp_path):
+    """Qwen3ForCausalLM checkpoints prefix every tensor with ``model.``; the graph is the same."""
     source = checkpoints["float32"]
-    prefixed = tmp_path / "prefixed"
-    prefixed.mkdir()
-    (prefixed / "config.json").write_text((source / "config.json").read_text())
-    tensors = load_file(str(source / "model.safetensors"))
-    save_file({f"model.{k}": v.contiguous() for k, v in tensors.items()}, str(prefixed / "model.safetensors"))
+    prefixed = _rewritten_checkpoint(source, tmp_path / "prefixed",
+                                     lambda tensors: {f"model.{k}": v for k, v in tensors.items()})
     for name, path in (("plain", source), ("prefixed", prefixed)):
         (tmp_path / name).mkdir(exist_ok=True)
         build_qwen3_embedding_graph(path, tmp_path / name / "model.onnx", spec)
@@ -111,15 +117,10 @@ def test_causal_lm_checkpoint_names_are_found(checkpoints, spec, tmp_path):
 
 
 def test_a_missing_weight_or_an_unsupported_config_is_a_clear_error(checkpoints, spec, tmp_path):
-    from safetensors.torch import load_file, save_file
-
     source = checkpoints["float32"]
-    broken = tmp_path / "broken"
-    broken.mkdir()
-    (broken / "config.json").write_text((source / "config.json").read_text())
-    tensors = load_file(str(source / "model.safetensors"))
-    del tensors["layers.1.mlp.down_proj.weight"]
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(broken / "model.safetensors"))
+    missing = "layers.1.mlp.down_proj.weight"
+    broken = _rewritten_checkpoint(source, tmp_path / "broken",
+                                   lambda tensors: {k: v for k, v in tensors.items() if k != missing})
     with pytest.raises(ExportError, match="layers.1.mlp.down_proj.weight"):
         build_qwen3_embedding_graph(broken, tmp_path / "model.onnx", spec)
 
