@@ -36,6 +36,7 @@ GQA_OP = "GroupQueryAttention"
 GQA_DOMAIN = "com.microsoft"
 # What report.json says for each graph form (key ``graph.attention.kind``).
 FUSED_GQA = "com.microsoft.GroupQueryAttention"
+FUSED_MHA = "com.microsoft.MultiHeadAttention"  # BERT-family graphs (tritonembed.export.bert_attention)
 UNFUSED = "unfused (MatMul -> Softmax -> MatMul on the full score matrix)"
 
 
@@ -159,10 +160,20 @@ def build_fused_qwen3_encoder(backbone: Any, normalize: bool = True) -> Any:
     return FusedQwen3Encoder().eval()
 
 
+def computes(node: Any, domain: str, op: str) -> bool:
+    """Whether ``node`` is ``domain.op`` or an ``If`` whose branches hold it (the BERT graphs' attention)."""
+    if node.op_type == op and node.domain == domain:
+        return True
+    return node.op_type == "If" and any(computes(inner, domain, op) for attr in node.attribute if attr.g.node
+                                        for inner in attr.g.node)
+
+
 def graph_attention(model: Any) -> dict[str, Any]:
     """What attention an ONNX ModelProto computes: ``{"kind": ..., "nodes": n}`` for report.json."""
-    fused = [n for n in model.graph.node if n.op_type == GQA_OP and n.domain == GQA_DOMAIN]
-    if fused:
-        return {"kind": FUSED_GQA, "nodes": len(fused)}
+    for kind in (FUSED_GQA, FUSED_MHA):
+        domain, op = kind.rsplit(".", 1)
+        fused = sum(1 for n in model.graph.node if computes(n, domain, op))
+        if fused:
+            return {"kind": kind, "nodes": fused}
     softmax = sum(1 for n in model.graph.node if n.op_type == "Softmax")
     return {"kind": UNFUSED, "softmax_nodes": softmax}

@@ -65,7 +65,8 @@ class ModelFamily(ABC):
     padding_layouts: ClassVar[tuple[str, ...]] = ("right",)
     # How the exported graph computes attention (:data:`tritonembed.export.onnx_export.ATTENTION_FORMS`):
     # "unfused" is the traced MatMul -> Softmax -> MatMul (memory grows with length squared); "gqa" one
-    # GroupQueryAttention node per layer (:mod:`tritonembed.export.attention`, memory linear in length).
+    # GroupQueryAttention node per layer (:mod:`tritonembed.export.attention`, memory linear in length); "mha"
+    # the traced graph rewritten into one MultiHeadAttention per layer (:mod:`tritonembed.export.bert_attention`).
     attention: ClassVar[str] = "unfused"
     # A causal decoder backbone (declared, never inferred from the pooling).
     decoder: ClassVar[bool] = False
@@ -249,6 +250,7 @@ class BertLikeFamily(ModelFamily):
     pooling = "mean"
     padding_side = "right"
     fp32_atol = 1e-5
+    attention = "mha"
 
     @staticmethod
     def read_pooling(path: Path) -> str:

@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from tritonembed.export.onnx_graph import names_read
+
 if TYPE_CHECKING:  # pragma: no cover
     import onnx
 
@@ -102,10 +104,10 @@ def rewrite_matmuls(model: onnx.ModelProto, names: Collection[str], *, weight_bi
     if done != len(wanted):
         missing = sorted(wanted - {n.name for n in model.graph.node})
         raise ValueError(f"MatMul nodes not found: {missing}")
-    used = {i for n in nodes for i in n.input}
-    kept = [t for t in model.graph.initializer if t.name in used]
     del model.graph.node[:]
     model.graph.node.extend(nodes)
+    used = names_read(model.graph)
+    kept = [t for t in model.graph.initializer if t.name in used]
     del model.graph.initializer[:]
     model.graph.initializer.extend(kept + new_inits)
     if not any(o.domain == "com.microsoft" for o in model.opset_import):

@@ -10,6 +10,7 @@ from typing import Any
 
 from tritonembed.artifact import external_data_file, needs_external_data
 from tritonembed.errors import ExportError
+from tritonembed.export.bert_attention import BertHeads
 from tritonembed.export.onnx_graph import ExternalDataWriter, external_bytes, set_inline, write_inline
 from tritonembed.spec import ATTENTION_MASK, ENCODER_EMBEDDING_NAME, INPUT_IDS, ModelSpec
 
@@ -17,8 +18,10 @@ log = logging.getLogger(__name__)
 
 ONNX_OPSET = 17
 # "unfused": the backbone traced as transformers runs it (eager attention); "gqa": a decoder with one
-# com.microsoft.GroupQueryAttention node per layer (tritonembed.export.attention; causal decoders only).
-ATTENTION_FORMS = ("unfused", "gqa")
+# com.microsoft.GroupQueryAttention node per layer (tritonembed.export.attention; causal decoders only); "mha":
+# traced as "unfused", then rewritten into one com.microsoft.MultiHeadAttention per layer
+# (tritonembed.export.bert_attention; BERT-family encoders).
+ATTENTION_FORMS = ("unfused", "gqa", "mha")
 
 
 def build_pooled_encoder(backbone, spec: ModelSpec, attention: str = "unfused"):
@@ -36,7 +39,7 @@ def build_pooled_encoder(backbone, spec: ModelSpec, attention: str = "unfused"):
 
     if attention not in ATTENTION_FORMS:
         raise ExportError(f"unknown attention form {attention!r}; choose one of {', '.join(ATTENTION_FORMS)}")
-    if attention == "gqa":
+    if attention == "gqa":  # "mha" traces as "unfused": export_onnx fuses the graph
         if not spec.decoder or spec.pooling != "last_token":
             raise ExportError(f"GroupQueryAttention is causal: it needs a decoder with last-token pooling, not {spec.pooling}")
         from tritonembed.export.attention import build_fused_qwen3_encoder
@@ -72,13 +75,16 @@ def build_pooled_encoder(backbone, spec: ModelSpec, attention: str = "unfused"):
 
 
 def export_onnx(encoder, output: Path, *, example_length: int = 16, static_shapes: bool = True,
-                graph_report: dict[str, Any] | None = None, output_names: tuple[str, ...] = (ENCODER_EMBEDDING_NAME,)) -> Path:
+                graph_report: dict[str, Any] | None = None, output_names: tuple[str, ...] = (ENCODER_EMBEDDING_NAME,),
+                bert_heads: BertHeads | None = None) -> Path:
     """Trace ``encoder`` to ``output`` (dynamic batch and sequence axes), one external-data file if > 2 GB.
 
     With ``static_shapes``, the traced shape arithmetic is replaced by constants where that is provably
     the same graph (:mod:`tritonembed.export.static_shapes`); what was done (or ``{"off": True}``) goes
-    into ``graph_report`` (key ``static_shapes``) when one is given, and which attention the graph
-    computes under key ``attention`` (:func:`tritonembed.export.attention.graph_attention`).
+    into ``graph_report`` (key ``static_shapes``) when one is given. ``bert_heads`` (the ``mha`` attention
+    form) then fuses a BERT-like graph's attention (:mod:`tritonembed.export.bert_attention`; key
+    ``fused_operators``). Which attention the graph computes goes under key ``attention``
+    (:func:`tritonembed.export.attention.graph_attention`).
 
     Raises:
         ExportError: tracing or saving failed.
@@ -119,10 +125,6 @@ def export_onnx(encoder, output: Path, *, example_length: int = 16, static_shape
     gc.collect()
     model = onnx.load(str(staged), load_external_data=False)
     _load_small_external(model, staging)
-    if graph_report is not None:
-        from tritonembed.export.attention import graph_attention
-
-        graph_report["attention"] = graph_attention(model)
     if static_shapes:
         from tritonembed.export.static_shapes import freeze_shape_inputs
 
@@ -131,6 +133,17 @@ def export_onnx(encoder, output: Path, *, example_length: int = 16, static_shape
             graph_report["static_shapes"] = frozen.to_dict()
     elif graph_report is not None:
         graph_report["static_shapes"] = {"off": True}
+    if bert_heads is not None:
+        from tritonembed.export.bert_attention import fuse_bert_attention
+
+        onnx.load_external_data_for_model(model, str(staging))  # the optimizer reads the q / k / v weights
+        model, made = fuse_bert_attention(model, bert_heads)
+        if graph_report is not None:
+            graph_report["fused_operators"] = made
+    if graph_report is not None:
+        from tritonembed.export.attention import graph_attention
+
+        graph_report["attention"] = graph_attention(model)
     if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
         _save_streaming(model, staging, output)
     else:

@@ -106,6 +106,18 @@ def embedding_gathers(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
     return tables, others
 
 
+def names_read(graph: onnx.GraphProto) -> set[str]:
+    """Every name the nodes of ``graph`` read, those read inside their subgraphs included (an ``If`` branch reads
+    the outer graph's tensors by name, not through the ``If`` node's inputs)."""
+    read = set()
+    for node in graph.node:
+        read.update(node.input)
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                read |= names_read(sub)
+    return read
+
+
 def default_opset(model: onnx.ModelProto) -> int:
     return max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
 

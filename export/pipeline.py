@@ -22,6 +22,7 @@ import numpy as np
 from tritonembed import precisions
 from tritonembed.artifact import onnx_files, tokenizer_files
 from tritonembed.errors import ExportError, OutputExistsError, ValidationError
+from tritonembed.export.bert_attention import BertHeads
 from tritonembed.export.families import ExportOptions, ModelFamily, family_for, read_json
 from tritonembed.export.memory import StageLog, check_resources, release_freed_memory, return_large_blocks_to_os
 from tritonembed.export.onnx_export import build_pooled_encoder, export_onnx, inline_small_model
@@ -38,8 +39,9 @@ REPORT_FILENAME = "report.json"
 # graph change): caches keyed on it (``tritonembed serve``) then re-export instead of serving stale files.
 # 2: int8 with per-token activation scales. 3: int8 embedding tables as 8-bit blocks. 4: static shapes.
 # 5: Qwen3 attention as GroupQueryAttention (memory linear in length); a long-input probe. 6: Qwen3 embedding
-# graphs built node by node from the checkpoint (same outputs, bit for bit; fewer nodes).
-EXPORT_REVISION = 6
+# graphs built node by node from the checkpoint (same outputs, bit for bit; fewer nodes). 7: BERT-family attention
+# as MultiHeadAttention, with SkipLayerNormalization and BiasGelu.
+EXPORT_REVISION = 7
 # The long probe (one text of LONG_PROBE_TOKENS) against the reference: the bar for long inputs.
 LONG_MIN_COSINE = 0.9999
 
@@ -212,10 +214,11 @@ def write_fp32_graph(checkpoint: Path, family: ModelFamily, spec: ModelSpec, out
         graph_report.update({"builder": qwen3_graph.BUILDER, "attention": graph_attention(model),
                              "static_shapes": {"by_construction": True, "nodes_after": len(model.graph.node)}})
         return
+    bert_heads = BertHeads.of_checkpoint(checkpoint) if family.attention == "mha" else None
     # No reference to the module is kept here: export_onnx frees it after the trace (one fp32 copy at a time).
     export_onnx(build_pooled_encoder(family.load_backbone(checkpoint), spec, family.attention), output,
                 static_shapes=static_shapes, graph_report=graph_report,
-                output_names=tuple(t.name for t in spec.encoder_outputs))
+                output_names=tuple(t.name for t in spec.encoder_outputs), bert_heads=bert_heads)
 
 
 # What report.json says of the graph the float32 checks ran on when it is not the float32 file itself.

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tritonembed.errors import QuantizationError
-from tritonembed.export.onnx_graph import external_bytes, load_graph, set_aside_inline_weights
+from tritonembed.export.onnx_graph import external_bytes, load_graph, names_read, set_aside_inline_weights
 
 if TYPE_CHECKING:  # pragma: no cover
     import onnx
@@ -114,7 +114,7 @@ def _drop_fp16_round_trips(model: onnx.ModelProto) -> int:
 
     graph_outputs = {o.name for o in graph.output}
     while True:
-        used = {name for node in graph.node for name in node.input} | graph_outputs
+        used = names_read(graph) | graph_outputs
         dead = [n for n in graph.node if cast_to(n) is not None and not any(o in used for o in n.output)]
         if not dead:
             break
@@ -197,11 +197,45 @@ def to_fp16(src: Path) -> tuple[onnx.ModelProto, str, dict[str, Any]]:
     return model, method, settings
 
 
+def add_contrib_op_types(model: onnx.ModelProto) -> int:
+    """Declare the element type of every tensor ONNX Runtime's symbolic shape inference can type and the graph
+    does not declare yet; returns how many were added.
+
+    onnx's own shape inference, which the converter runs, knows no ``com.microsoft`` operator
+    (SkipLayerNormalization, BiasGelu, MultiHeadAttention): every tensor downstream of one stays untyped, and the
+    converter inserts no float16 -> float32 cast in front of a float32 island it feeds (the pooling's
+    ReduceSum then gets a float16 input and a float32 one). Types only: the shapes the symbolic pass
+    merges are not kept (what ONNX Runtime's ``OnnxModel.convert_float_to_float16`` does too).
+    """
+    from onnx import TensorProto
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    if not any(n.domain == "com.microsoft" for n in model.graph.node):
+        return 0
+    try:
+        typed = SymbolicShapeInference.infer_shapes(model, auto_merge=True, guess_output_rank=False)
+    except Exception as exc:  # it raises on graphs it cannot follow; the converter then types what it can
+        logger.warning("fp16: symbolic shape inference failed (%s: %s); casts around contrib ops may be missing",
+                       type(exc).__name__, exc)
+        return 0
+    declared = {vi.name for vi in model.graph.value_info} | {t.name for t in model.graph.initializer} \
+        | {i.name for i in model.graph.input} | {o.name for o in model.graph.output}
+    added = 0
+    for vi in typed.graph.value_info:
+        if vi.name and vi.name not in declared and vi.type.tensor_type.elem_type != TensorProto.UNDEFINED:
+            copy = model.graph.value_info.add()
+            copy.CopyFrom(vi)
+            copy.type.tensor_type.ClearField("shape")
+            added += 1
+    return added
+
+
 def _fp16_graph(float16: Any, model: onnx.ModelProto, op_block: list[str], node_block: list[str]) -> onnx.ModelProto:
     """``convert_float_to_float16`` on a graph whose float weights are placeholders: its value infos of
     converted initializers are built from their dims (its own helper would read the missing data)."""
     from onnx import helper
 
+    add_contrib_op_types(model)
     original = float16.make_value_info_from_tensor
     float16.make_value_info_from_tensor = lambda t: helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
     try:

@@ -8,7 +8,10 @@ CPU and GPU alike:
   intermediate-sized tensors, in the precision's compute dtype); its allocation planner reuses them across layers;
 - **attention workspace**: a materialized graph (MatMul -> Softmax -> MatMul) holds about
   :data:`MATERIALIZED_SCORE_COPIES` ``heads x L x L`` score tensors per row; a fused graph
-  (``com.microsoft.GroupQueryAttention``, report.json's ``graph.attention``) is linear in ``L``.
+  (``com.microsoft.GroupQueryAttention``, report.json's ``graph.attention``) is linear in ``L``; the BERT
+  graphs' ``com.microsoft.MultiHeadAttention`` is linear for a batch without padding and holds one copy of the
+  scores for a padded one (ONNX Runtime's CPU kernel; :mod:`tritonembed.export.bert_attention`), priced as one
+  copy whenever a micro-batch has more than one row.
 
 The memory granted (``--gpu-memory`` in GiB or a fraction of the device; default what is free at start minus a
 margin; on CPU the cgroup limit or MemAvailable) minus the weights is the activation budget. The estimate is
@@ -35,8 +38,11 @@ log = logging.getLogger(__name__)
 GIB = 1024**3
 FUSED = "fused"
 MATERIALIZED = "materialized"
-#: report.json's ``graph.attention.kind`` values that compute attention in O(L) memory.
-FUSED_KINDS = ("com.microsoft.GroupQueryAttention", "com.microsoft.MultiHeadAttention", "Attention")
+FUSED_MASKED = "fused, scores once when padded"
+#: report.json's ``graph.attention.kind`` -> how the estimate prices it (anything else: MATERIALIZED).
+ATTENTION_KINDS = {"com.microsoft.GroupQueryAttention": FUSED, "com.microsoft.MultiHeadAttention": FUSED_MASKED}
+#: The fused graph nodes, by op type, and how each is priced.
+FUSED_OPS = {"GroupQueryAttention": FUSED, "MultiHeadAttention": FUSED_MASKED}
 #: Live hidden-sized / intermediate-sized tensors per token inside one layer (residual, norm, q/k/v/o, rotary
 #: and casts; gate, up, activation x up), rounded up from the operators of the exported Qwen3/BERT graphs.
 HIDDEN_COPIES = 12
@@ -63,16 +69,19 @@ class ModelShape:
     intermediate_size: int
     layers: int
     heads: int
-    attention: str  # FUSED or MATERIALIZED
+    attention: str  # FUSED, FUSED_MASKED or MATERIALIZED
     compute_bytes: int
 
     def activation_bytes(self, rows: int, length: int) -> int:
         """Peak bytes of activations for a padded micro-batch of ``rows`` x ``length`` tokens."""
         tokens = rows * length
         per_token = self.compute_bytes * (HIDDEN_COPIES * self.hidden_size + INTERMEDIATE_COPIES * self.intermediate_size)
-        if self.attention == FUSED:
+        if self.attention == FUSED or (self.attention == FUSED_MASKED and rows == 1):
             return tokens * per_token
-        # softmax runs in the compute dtype; the graph materializes every head's L x L scores of a row
+        # the graph materializes every head's L x L scores of a row (softmax in the compute dtype); the masked
+        # fused kernel holds them once, in float32 whatever the precision
+        if self.attention == FUSED_MASKED:
+            return tokens * per_token + rows * self.heads * length * length * 4
         scores = rows * self.heads * length * length * self.compute_bytes * MATERIALIZED_SCORE_COPIES
         return tokens * per_token + scores
 
@@ -140,7 +149,8 @@ def parse_grant(value: str | float | None) -> tuple[str, float] | None:
 
 
 def report_attention(directory: Path) -> str | None:
-    """FUSED / MATERIALIZED from ``report.json``'s ``graph.attention`` in ``directory``; None without one."""
+    """FUSED / FUSED_MASKED / MATERIALIZED from ``report.json``'s ``graph.attention`` in ``directory``; None
+    without one."""
     path = Path(directory) / "report.json"
     try:
         kind = json.loads(path.read_text(encoding="utf-8")).get("graph", {}).get("attention", {}).get("kind")
@@ -148,7 +158,7 @@ def report_attention(directory: Path) -> str | None:
         return None
     if not kind:
         return None
-    return FUSED if any(str(kind).startswith(k) for k in FUSED_KINDS) else MATERIALIZED
+    return ATTENTION_KINDS.get(str(kind), MATERIALIZED)
 
 
 def model_shape(model_path: Path, hidden_size: int, precision: str) -> ModelShape:
@@ -177,12 +187,24 @@ def model_shape(model_path: Path, hidden_size: int, precision: str) -> ModelShap
         layers = max(1, int(weights / (weight_bytes * 12 * hidden_size * hidden_size)))
         return ModelShape(weights, hidden_size, 4 * hidden_size, layers, 16, attention or MATERIALIZED, compute)
     layers, heads, intermediate, fused = graph
-    return ModelShape(weights, hidden_size, intermediate, layers, heads,
-                      FUSED if fused else (attention or MATERIALIZED), compute)
+    return ModelShape(weights, hidden_size, intermediate, layers, heads, fused or attention or MATERIALIZED, compute)
 
 
-def _graph_facts(model_path: Path, hidden_size: int) -> tuple[int, int, int, bool] | None:
-    """(layers, heads, intermediate size, fused attention) from the graph's nodes and initializer dims.
+def _fused_attention_nodes(graph) -> list:
+    """The fused attention nodes of ``graph``, one per layer: a BERT graph's ``If`` branches hold the same node twice
+    (with and without the mask), the first branch counts."""
+    found = []
+    for node in graph.node:
+        if node.op_type in FUSED_OPS:
+            found.append(node)
+        elif node.op_type == "If" and node.attribute:
+            found.extend(_fused_attention_nodes(node.attribute[0].g))
+    return found
+
+
+def _graph_facts(model_path: Path, hidden_size: int) -> tuple[int, int, int, str | None] | None:
+    """(layers, heads, intermediate size, how its fused attention is priced or None) from the graph's nodes and
+    initializer dims.
 
     Raises:
         ImportError: ``onnx`` is not installed.
@@ -190,7 +212,7 @@ def _graph_facts(model_path: Path, hidden_size: int) -> tuple[int, int, int, boo
     import onnx
 
     model = onnx.load(str(model_path), load_external_data=False)
-    fused_nodes = [n for n in model.graph.node if n.op_type in ("GroupQueryAttention", "MultiHeadAttention", "Attention")]
+    fused_nodes = _fused_attention_nodes(model.graph)
     softmax = [n for n in model.graph.node if n.op_type == "Softmax"]
     layers = len(fused_nodes) or len(softmax)
     if not layers:
@@ -207,7 +229,8 @@ def _graph_facts(model_path: Path, hidden_size: int) -> tuple[int, int, int, boo
     embedding_rows = max((max(d) for d in dims), default=0)
     widths = [max(d) for d in dims if max(d) != embedding_rows]
     intermediate = max(widths, default=4 * hidden_size)
-    return layers, heads, max(intermediate, hidden_size), bool(fused_nodes)
+    priced = FUSED_MASKED if any(FUSED_OPS[n.op_type] == FUSED_MASKED for n in fused_nodes) else FUSED
+    return layers, heads, max(intermediate, hidden_size), priced if fused_nodes else None
 
 
 def device_memory(device_id: int) -> tuple[int, int]:

@@ -9,6 +9,7 @@ import pytest
 
 from tritonembed.model_repository.memory_model import (
     FUSED,
+    FUSED_MASKED,
     GIB,
     MATERIALIZED,
     MemoryBudgetError,
@@ -33,6 +34,21 @@ def test_materialized_attention_grows_with_the_square_of_the_length_fused_linear
     # rows x length tokens cost the same as one row of as many tokens when attention is fused
     assert fused.activation_bytes(4, 1024) == fused.activation_bytes(1, 4096)
     assert materialized.activation_bytes(4, 1024) < materialized.activation_bytes(1, 4096)
+
+
+def test_masked_fused_attention_is_linear_for_one_row_and_holds_the_scores_once_for_a_padded_batch():
+    """The BERT graphs' MultiHeadAttention: flash without a mask (one row), one float32 copy of the scores with it."""
+    masked, fused, materialized = shape(FUSED_MASKED), shape(FUSED), shape(MATERIALIZED)
+    assert masked.activation_bytes(1, 8192) == fused.activation_bytes(1, 8192)
+    scores = 2 * 16 * 1024 * 1024 * 4  # rows x heads x L x L x float32
+    assert masked.activation_bytes(2, 1024) == fused.activation_bytes(2, 1024) + scores
+    assert masked.activation_bytes(2, 1024) < materialized.activation_bytes(2, 1024)
+
+
+def test_report_attention_prices_each_fused_kind(tmp_path: Path):
+    for kind, priced in (("com.microsoft.GroupQueryAttention", FUSED), ("com.microsoft.MultiHeadAttention", FUSED_MASKED)):
+        (tmp_path / "report.json").write_text(json.dumps({"graph": {"attention": {"kind": kind, "nodes": 2}}}))
+        assert report_attention(tmp_path) == priced
 
 
 def test_token_budget_subtracts_the_weights_of_every_session_and_shares_between_workers():
