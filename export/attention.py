@@ -29,11 +29,12 @@ import logging
 from typing import Any
 
 from tritonembed.errors import ExportError
+from tritonembed.export.onnx_graph import CONTRIB_DOMAIN, subgraphs
 
 log = logging.getLogger(__name__)
 
 GQA_OP = "GroupQueryAttention"
-GQA_DOMAIN = "com.microsoft"
+GQA_DOMAIN = CONTRIB_DOMAIN
 # What report.json says for each graph form (key ``graph.attention.kind``).
 FUSED_GQA = "com.microsoft.GroupQueryAttention"
 FUSED_MHA = "com.microsoft.MultiHeadAttention"  # BERT-family graphs (tritonembed.export.bert_attention)
@@ -164,8 +165,7 @@ def computes(node: Any, domain: str, op: str) -> bool:
     """Whether ``node`` is ``domain.op`` or an ``If`` whose branches hold it (the BERT graphs' attention)."""
     if node.op_type == op and node.domain == domain:
         return True
-    return node.op_type == "If" and any(computes(inner, domain, op) for attr in node.attribute if attr.g.node
-                                        for inner in attr.g.node)
+    return node.op_type == "If" and any(computes(inner, domain, op) for sub in subgraphs(node) for inner in sub.node)
 
 
 def graph_attention(model: Any) -> dict[str, Any]:

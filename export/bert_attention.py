@@ -33,12 +33,13 @@ from pathlib import Path
 from typing import Any
 
 from tritonembed.errors import ExportError
+from tritonembed.export.onnx_graph import CONTRIB_DOMAIN, import_contrib_domain
 
 log = logging.getLogger(__name__)
 
-CONTRIB_DOMAIN = "com.microsoft"
 #: report.json's ``graph.fused_operators`` key for the attention nodes that skip the mask when no row is padded.
 UNMASKED_BRANCH = "If (MultiHeadAttention without the mask when no row is padded)"
+
 
 @dataclass(frozen=True)
 class BertHeads:
@@ -71,7 +72,6 @@ def fuse_bert_attention(model: Any, heads: BertHeads) -> tuple[Any, dict[str, in
     Raises:
         ExportError: the optimizer failed on this graph.
     """
-    import onnx
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
@@ -93,9 +93,8 @@ def fuse_bert_attention(model: Any, heads: BertHeads) -> tuple[Any, dict[str, in
     model = fused.model
     made = {op: n for op, n in fused.get_fused_operator_statistics().items() if n}
     unmasked = _skip_the_mask_when_no_row_is_padded(model)
-    if made and not any(o.domain == CONTRIB_DOMAIN for o in model.opset_import):
-        # ONNX Runtime runs the nodes without it; onnx's checker and shape inference (the quantizers) need it
-        model.opset_import.append(onnx.helper.make_opsetid(CONTRIB_DOMAIN, 1))
+    if made:
+        import_contrib_domain(model)
     if unmasked:
         made[UNMASKED_BRANCH] = unmasked
     log.info("fused the BERT graph: %s", ", ".join(f"{n} {op}" for op, n in made.items()) or "nothing matched")
@@ -146,4 +145,3 @@ def _skip_the_mask_when_no_row_is_padded(model: Any) -> int:
     del model.graph.node[:]
     model.graph.node.extend(rewritten[:first] + prologue + rewritten[first:])
     return len(masked)
-

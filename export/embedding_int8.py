@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from tritonembed.export.onnx_graph import CONTRIB_DOMAIN, import_contrib_domain
+
 if TYPE_CHECKING:  # pragma: no cover
     import onnx
 
@@ -117,11 +119,11 @@ def rewrite_gathers(model: onnx.ModelProto, names: list[str], *, block_size: int
                                         numpy_helper.from_array(zero_point, z_name)])
         replacement = helper.make_node(
             "GatherBlockQuantized", [q_name, node.input[1], s_name, z_name], list(node.output),
-            name=node.name + "_q8", domain="com.microsoft", gather_axis=0, quantize_axis=1,
+            name=node.name + "_q8", domain=CONTRIB_DOMAIN, gather_axis=0, quantize_axis=1,
             block_size=block_size, bits=8)
         model.graph.node.remove(node)
         model.graph.node.insert(index, replacement)
         done.append(node.name)
-    if done and not any(o.domain == "com.microsoft" for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    if done:
+        import_contrib_domain(model)
     return done

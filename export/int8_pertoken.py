@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from tritonembed.export.onnx_graph import names_read
+from tritonembed.export.onnx_graph import CONTRIB_DOMAIN, import_contrib_domain, names_read
 
 if TYPE_CHECKING:  # pragma: no cover
     import onnx
@@ -52,7 +52,6 @@ def rewrite_matmuls(model: onnx.ModelProto, names: Collection[str], *, weight_bi
     Raises:
         ValueError: ``weight_bits`` outside 2..8, or a named node is not a constant-weight MatMul.
     """
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     if not 2 <= weight_bits <= 8:
@@ -97,7 +96,7 @@ def rewrite_matmuls(model: onnx.ModelProto, names: Collection[str], *, weight_bi
             helper.make_node("QuantizeLinear", [x, p + "scale", p + "zp"], [p + "q"], name=p + "q",
                              axis=-1, block_size=weight.shape[0]),
             helper.make_node("MatMulIntegerToFloat", [p + "q", p + "wq", c["one"], p + "wscale", c["u128"]],
-                             [p + "mm"], name=p + "mm", domain="com.microsoft"),
+                             [p + "mm"], name=p + "mm", domain=CONTRIB_DOMAIN),
             helper.make_node("Mul", [p + "mm", p + "scale"], list(node.output), name=p + "out"),
         ]
         done += 1
@@ -110,8 +109,7 @@ def rewrite_matmuls(model: onnx.ModelProto, names: Collection[str], *, weight_bi
     kept = [t for t in model.graph.initializer if t.name in used]
     del model.graph.initializer[:]
     model.graph.initializer.extend(kept + new_inits)
-    if not any(o.domain == "com.microsoft" for o in model.opset_import):
-        model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    import_contrib_domain(model)
     return done
 
 

@@ -19,6 +19,23 @@ if TYPE_CHECKING:  # pragma: no cover
 
 logger = logging.getLogger(__name__)
 
+#: ONNX Runtime's contrib operators (GroupQueryAttention, MultiHeadAttention, MatMulNBits, ...).
+CONTRIB_DOMAIN = "com.microsoft"
+
+
+def import_contrib_domain(model: onnx.ModelProto) -> None:
+    """Declare :data:`CONTRIB_DOMAIN` in ``model``'s opset imports when it is not yet: ONNX Runtime runs contrib
+    nodes without it, onnx's checker and shape inference (the quantizers) need it."""
+    from onnx import helper
+
+    if not any(o.domain == CONTRIB_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(CONTRIB_DOMAIN, 1))
+
+
+def subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    """The graphs ``node`` holds as attributes (an ``If``'s branches, a ``Loop``'s body)."""
+    return [g for attr in node.attribute for g in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs)]
+
 
 @dataclass(frozen=True)
 class WeightMatMul:
@@ -112,9 +129,8 @@ def names_read(graph: onnx.GraphProto) -> set[str]:
     read = set()
     for node in graph.node:
         read.update(node.input)
-        for attr in node.attribute:
-            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                read |= names_read(sub)
+        for sub in subgraphs(node):
+            read |= names_read(sub)
     return read
 
 

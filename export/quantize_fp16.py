@@ -15,7 +15,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tritonembed.errors import QuantizationError
-from tritonembed.export.onnx_graph import external_bytes, load_graph, names_read, set_aside_inline_weights
+from tritonembed.export.onnx_graph import (
+    CONTRIB_DOMAIN,
+    external_bytes,
+    load_graph,
+    names_read,
+    set_aside_inline_weights,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     import onnx
@@ -197,9 +203,9 @@ def to_fp16(src: Path) -> tuple[onnx.ModelProto, str, dict[str, Any]]:
     return model, method, settings
 
 
-def add_contrib_op_types(model: onnx.ModelProto) -> int:
+def add_contrib_op_types(model: onnx.ModelProto) -> None:
     """Declare the element type of every tensor ONNX Runtime's symbolic shape inference can type and the graph
-    does not declare yet; returns how many were added.
+    does not declare yet.
 
     onnx's own shape inference, which the converter runs, knows no ``com.microsoft`` operator
     (SkipLayerNormalization, BiasGelu, MultiHeadAttention): every tensor downstream of one stays untyped, and the
@@ -210,24 +216,21 @@ def add_contrib_op_types(model: onnx.ModelProto) -> int:
     from onnx import TensorProto
     from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
-    if not any(n.domain == "com.microsoft" for n in model.graph.node):
-        return 0
+    if not any(n.domain == CONTRIB_DOMAIN for n in model.graph.node):
+        return
     try:
         typed = SymbolicShapeInference.infer_shapes(model, auto_merge=True, guess_output_rank=False)
     except Exception as exc:  # it raises on graphs it cannot follow; the converter then types what it can
         logger.warning("fp16: symbolic shape inference failed (%s: %s); casts around contrib ops may be missing",
                        type(exc).__name__, exc)
-        return 0
+        return
     declared = {vi.name for vi in model.graph.value_info} | {t.name for t in model.graph.initializer} \
         | {i.name for i in model.graph.input} | {o.name for o in model.graph.output}
-    added = 0
     for vi in typed.graph.value_info:
         if vi.name and vi.name not in declared and vi.type.tensor_type.elem_type != TensorProto.UNDEFINED:
             copy = model.graph.value_info.add()
             copy.CopyFrom(vi)
             copy.type.tensor_type.ClearField("shape")
-            added += 1
-    return added
 
 
 def _fp16_graph(float16: Any, model: onnx.ModelProto, op_block: list[str], node_block: list[str]) -> onnx.ModelProto:

@@ -39,10 +39,10 @@ GIB = 1024**3
 FUSED = "fused"
 MATERIALIZED = "materialized"
 FUSED_MASKED = "fused, scores once when padded"
-#: report.json's ``graph.attention.kind`` -> how the estimate prices it (anything else: MATERIALIZED).
-ATTENTION_KINDS = {"com.microsoft.GroupQueryAttention": FUSED, "com.microsoft.MultiHeadAttention": FUSED_MASKED}
-#: The fused graph nodes, by op type, and how each is priced.
+#: The fused attention nodes (ONNX Runtime contrib ops), by op type, and how the estimate prices each.
 FUSED_OPS = {"GroupQueryAttention": FUSED, "MultiHeadAttention": FUSED_MASKED}
+#: report.json's ``graph.attention.kind`` -> how the estimate prices it (anything else: MATERIALIZED).
+ATTENTION_KINDS = {f"com.microsoft.{op}": priced for op, priced in FUSED_OPS.items()}
 #: Live hidden-sized / intermediate-sized tensors per token inside one layer (residual, norm, q/k/v/o, rotary
 #: and casts; gate, up, activation x up), rounded up from the operators of the exported Qwen3/BERT graphs.
 HIDDEN_COPIES = 12
@@ -197,8 +197,8 @@ def _fused_attention_nodes(graph) -> list:
     for node in graph.node:
         if node.op_type in FUSED_OPS:
             found.append(node)
-        elif node.op_type == "If" and node.attribute:
-            found.extend(_fused_attention_nodes(node.attribute[0].g))
+        elif node.op_type == "If":
+            found.extend(n for a in node.attribute if a.name == "then_branch" for n in _fused_attention_nodes(a.g))
     return found
 
 
