@@ -8,7 +8,9 @@ at a time, so the model is never in memory twice.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -219,7 +221,10 @@ def add_contrib_op_types(model: onnx.ModelProto) -> None:
     if not any(n.domain == CONTRIB_DOMAIN for n in model.graph.node):
         return
     try:
-        typed = SymbolicShapeInference.infer_shapes(model, auto_merge=True, guess_output_rank=False)
+        # on a graph it cannot type fully it saves the graph as sym_shape_infer_temp.onnx in the working
+        # directory before raising: that file goes to a directory of its own, not the user's
+        with tempfile.TemporaryDirectory() as scratch, contextlib.chdir(scratch):
+            typed = SymbolicShapeInference.infer_shapes(model, auto_merge=True, guess_output_rank=False)
     except Exception as exc:  # it raises on graphs it cannot follow; the converter then types what it can
         logger.warning("fp16: symbolic shape inference failed (%s: %s); casts around contrib ops may be missing",
                        type(exc).__name__, exc)
